@@ -1,0 +1,417 @@
+"""Typed recipes. The dataclasses below are the ONLY place defaults live.
+
+A recipe is a YAML file under recipes/ that overrides some fields. `extends: base.yaml`
+(relative to the file) inherits another recipe: mappings merge key by key, lists and scalars
+are replaced. Command-line overrides `section.field=value` are applied last and typed the same
+way. An unknown key is an error naming the file, the dotted key and the closest valid key;
+a value of the wrong type is an error naming the expected type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+
+def F(default: Any, help: str):
+    """A field with its documentation attached (shown by `megammr config fields`)."""
+    if isinstance(default, (list, dict)) or dataclasses.is_dataclass(default):
+        return field(default_factory=lambda d=default: _copy(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _copy(v):
+    import copy
+    return copy.deepcopy(v)
+
+
+# --------------------------------------------------------------------------- sections
+@dataclass
+class ModelConfig:
+    backbone: str = F("tiny", "Name in the backbones table: tiny, qwen2.5-vl-3b, -7b, -32b, -72b.")
+    hf_path: Optional[str] = F(None, "HF checkpoint directory (weights, tokenizer, processor). None: random weights, tiny only.")
+    layer_spec: Literal["local", "te"] = F("local", "megatron-core layer spec: 'te' (TransformerEngine, GPU, FP8-capable) or 'local' (pure torch, CPU).")
+    precision: Literal["fp32", "bf16", "fp8"] = F("bf16", "Training precision. fp8 needs layer_spec=te and a GPU; weights stay bf16.")
+    fp8_recipe: Literal["tensorwise", "delayed", "mxfp8", "blockwise"] = F("tensorwise", "TransformerEngine FP8 scaling recipe (precision=fp8 only).")
+    freeze_vision: bool = F(False, "Keep the vision tower and patch merger frozen during RL.")
+    recompute: Optional[Literal["full", "selective"]] = F(None, "Activation recomputation granularity; None keeps all activations.")
+
+
+@dataclass
+class ParallelConfig:
+    tp: int = F(1, "Tensor-parallel size of the language decoder.")
+    pp: int = F(1, "Pipeline-parallel size of the language decoder.")
+    cp: int = F(1, "Context-parallel size (optional; 1 disables).")
+    sequence_parallel: bool = F(False, "Megatron sequence parallelism (needs tp > 1 and TE or apex norms).")
+    # dp is derived: world_size // (tp * pp * cp); see Recipe.data_parallel_size.
+
+
+@dataclass
+class DatasetConfig:
+    path: str = F("", "Directory of webdataset shards with energon metadata (.nv-meta).")
+    weight: float = F(1.0, "Relative sampling weight when several datasets are blended in one phase.")
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig] = F([], "Shard directories of this phase (weighted blend when more than one).")
+    prompt_style: Literal["text", "caption", "image"] = F("text", "text: phase 1, no image; caption: image plus its caption (phase 2); image: caption-free (phase 3).")
+    system_prompt: Optional[str] = F(None, "System prompt; None uses the <think>/<answer> prompt of megammr.data.prompts.")
+    max_prompt_tokens: int = F(4096, "Prompts longer than this (image tokens included) are skipped and counted.")
+    min_pixels: int = F(3136, "Smallest image area after Qwen2.5-VL resizing (4 * 28 * 28).")
+    max_pixels: int = F(1003520, "Largest image area after Qwen2.5-VL resizing (1280 * 28 * 28).")
+    num_workers: int = F(2, "Data loader worker processes per rank.")
+
+
+@dataclass
+class RolloutConfig:
+    engine: Literal["auto", "vllm", "transformers"] = F("auto", "auto: vLLM with CUDA, transformers generate on CPU.")
+    n: int = F(16, "Samples per prompt (the GRPO group size).")
+    temperature: float = F(1.0, "Sampling temperature.")
+    top_p: float = F(1.0, "Nucleus sampling threshold.")
+    top_k: int = F(-1, "Top-k sampling; -1 disables.")
+    max_new_tokens: int = F(4096, "Longest response in tokens.")
+    gpu_memory_utilization: float = F(0.5, "Fraction of GPU memory vLLM may claim (colocated with training).")
+    tp: Optional[int] = F(None, "vLLM tensor-parallel size; None uses parallel.tp.")
+    enforce_eager: bool = F(True, "Disable CUDA graphs in vLLM (safe with sleep mode and weight sync).")
+
+
+@dataclass
+class RewardConfig:
+    format_weight: float = F(0.5, "Weight of the strict <think>...</think><answer>...</answer> format reward.")
+    accuracy_weight: float = F(1.0, "Weight of the accuracy reward (math-verify or multiple choice).")
+    timeout_s: float = F(5.0, "Hard time limit per verification; a timed-out verification scores 0 and is counted.")
+    workers: int = F(2, "Verifier worker processes.")
+
+
+@dataclass
+class AlgoConfig:
+    advantage: Literal["grpo", "dr_grpo"] = F("grpo", "grpo: (r - mean) / std per group; dr_grpo: r - mean, no std division.")
+    clip_low: float = F(0.2, "Lower PPO clip bound: ratio >= 1 - clip_low.")
+    clip_high: float = F(0.2, "Upper PPO clip bound: ratio <= 1 + clip_high (clip-higher uses e.g. 0.28).")
+    kl_coef: float = F(1e-3, "Coefficient of the KL penalty against the reference policy; 0 disables the reference model.")
+    kl_estimator: Literal["k1", "k2", "k3"] = F("k3", "KL estimator (k3 is the low-variance one).")
+    loss_agg: Literal["token_mean", "seq_mean"] = F("token_mean", "token_mean over all tokens of the batch, or the mean of per-sequence token means.")
+    tis_cap: Optional[float] = F(None, "Truncated importance sampling cap against the rollout engine's log-probs; None disables.")
+    entropy_coef: float = F(0.0, "Entropy bonus coefficient.")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = F(1e-6, "Peak learning rate.")
+    min_lr: float = F(0.0, "Final learning rate of the cosine schedule.")
+    schedule: Literal["constant", "cosine"] = F("constant", "Learning-rate schedule after warmup.")
+    warmup_steps: int = F(0, "Linear warmup steps.")
+    weight_decay: float = F(0.0, "AdamW weight decay.")
+    adam_beta1: float = F(0.9, "Adam beta1.")
+    adam_beta2: float = F(0.999, "Adam beta2.")
+    adam_eps: float = F(1e-8, "Adam epsilon.")
+    clip_grad: float = F(1.0, "Global gradient-norm clip.")
+    distributed_optimizer: bool = F(False, "Shard optimizer state over data-parallel ranks (megatron DistributedOptimizer).")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = F(100, "GRPO steps (rollout + update) in this phase.")
+    prompts_per_step: int = F(16, "Prompts per step; samples per step = prompts_per_step * rollout.n.")
+    micro_batch_size: int = F(1, "Sequences per micro-batch in the forward/backward pass.")
+    updates_per_step: int = F(1, "Optimizer steps per rollout batch (mini-batches).")
+    checkpoint_interval: int = F(50, "Save a checkpoint every this many steps (and at the end).")
+    keep_checkpoints: int = F(2, "Most recent checkpoints kept on disk; older ones are removed after a save succeeds.")
+    output_dir: str = F("outputs/run", "Run directory: checkpoints, metrics, logs.")
+    seed: int = F(1234, "Seed of every RNG (Python, NumPy, torch, megatron's model-parallel tracker, data shuffling).")
+    log_interval: int = F(1, "Print and log metrics every this many steps.")
+
+
+@dataclass
+class PhaseConfig:
+    name: str = F("phase1", "Phase name (phase1 text, phase2 caption-augmented, phase3 caption-free).")
+    init_from: Optional[str] = F(None, "Checkpoint directory this phase starts from (the previous phase's final one); None: model.hf_path or random.")
+
+
+@dataclass
+class Recipe:
+    model: ModelConfig = F(ModelConfig(), "The backbone and its numerics.")
+    parallel: ParallelConfig = F(ParallelConfig(), "Model parallelism; data parallelism is derived.")
+    data: DataConfig = F(DataConfig(), "Shards and prompt construction.")
+    rollout: RolloutConfig = F(RolloutConfig(), "Sampling.")
+    reward: RewardConfig = F(RewardConfig(), "Rule-based reward weights and verifier limits.")
+    algo: AlgoConfig = F(AlgoConfig(), "GRPO advantages and policy loss.")
+    optim: OptimConfig = F(OptimConfig(), "Optimizer and schedule.")
+    train: TrainConfig = F(TrainConfig(), "Loop sizes, checkpointing and output.")
+    phase: PhaseConfig = F(PhaseConfig(), "Curriculum phase.")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        mp = self.parallel.tp * self.parallel.pp * self.parallel.cp
+        if world_size % mp:
+            raise RecipeError(f"world size {world_size} is not divisible by tp*pp*cp = {mp}")
+        return world_size // mp
+
+
+# --------------------------------------------------------------------------- loading
+class RecipeError(ValueError):
+    """A recipe or override that does not fit the schema. The message names file and key."""
+
+
+_UNSET = object()
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " or null"
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if dataclasses.is_dataclass(tp):
+        return f"mapping ({tp.__name__})"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value, tp, where: str, raw: Optional[str] = None):
+    """Check (and minimally convert) one value against a field type; raise RecipeError naming `where`."""
+    origin = typing.get_origin(tp)
+    bad = RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+    if origin in (typing.Union, types.UnionType):
+        if value is None:
+            return None
+        (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        try:
+            return _coerce(value, inner, where, raw)
+        except RecipeError:
+            raise bad from None
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if raw is not None and raw in choices:
+            return raw
+        if value in choices and type(value) is type(choices[0]):
+            return value
+        close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+        raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}"
+                          + (f" (did you mean {close[0]!r}?)" if close else ""))
+    if origin is list:
+        if not isinstance(value, list):
+            raise bad
+        (inner,) = typing.get_args(tp)
+        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise bad
+        return _build(tp, value, where, {})
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise bad
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise bad
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        # YAML 1.1 reads "1e-6" (no dot) as a string; accept what float() accepts.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise bad
+    if tp is str:
+        if raw is not None:
+            return raw
+        if isinstance(value, str):
+            return value
+        raise bad
+    raise RecipeError(f"{where}: unsupported field type {tp!r}")
+
+
+def _hints(cls):
+    return typing.get_type_hints(cls)
+
+
+def _build(cls, data: dict, prefix: str, origins: dict[str, str]):
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        src = origins.get(dotted, origins.get(prefix, ""))
+        where = f"{src}: {dotted}" if src else dotted
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else \
+                f"; valid keys: {', '.join(names)}"
+            raise RecipeError(f"{where}: unknown key{hint}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+            kwargs[key] = _build(tp, value, dotted, origins)
+        else:
+            kwargs[key] = _coerce(value, tp, where)
+    return cls(**kwargs)
+
+
+def _read_yaml(path: str) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except FileNotFoundError:
+        raise RecipeError(f"recipe not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict, top: dict, origins: dict, src: str, prefix: str = "") -> dict:
+    out = dict(base)
+    for k, v in top.items():
+        dotted = f"{prefix}.{k}" if prefix else str(k)
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            origins.setdefault(dotted, src)
+            out[k] = _merge(out[k], v, origins, src, dotted)
+        else:
+            out[k] = v
+            origins[dotted] = src
+            if isinstance(v, dict):
+                for sub in _walk_keys(v, dotted):
+                    origins[sub] = src
+    return out
+
+
+def _walk_keys(d: dict, prefix: str):
+    for k, v in d.items():
+        dotted = f"{prefix}.{k}"
+        yield dotted
+        if isinstance(v, dict):
+            yield from _walk_keys(v, dotted)
+
+
+def _load_chain(path: str, origins: dict, seen: tuple = ()) -> dict:
+    path = os.path.abspath(path)
+    if path in seen:
+        raise RecipeError(f"{path}: circular extends: {' -> '.join(seen + (path,))}")
+    data = _read_yaml(path)
+    parent = data.pop("extends", None)
+    merged: dict = {}
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise RecipeError(f"{path}: extends: expected a path (str), got {parent!r}")
+        merged = _load_chain(os.path.join(os.path.dirname(path), parent), origins, seen + (path,))
+    rel = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
+    return _merge(merged, data, origins, rel)
+
+
+def parse_override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise RecipeError(f"override {text!r}: empty key")
+    return key, raw
+
+
+def _apply_override(data: dict, key: str, raw: str, origins: dict):
+    """Set data[key] from a command-line string, typed against the schema at that key."""
+    parts = key.split(".")
+    cls, node, prefix = Recipe, data, ""
+    for i, part in enumerate(parts):
+        names = [f.name for f in dataclasses.fields(cls)]
+        dotted = f"{prefix}.{part}" if prefix else part
+        if part not in names:
+            close = difflib.get_close_matches(part, names, n=1, cutoff=0.5)
+            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else \
+                f"; valid keys: {', '.join(names)}"
+            raise RecipeError(f"command line: {dotted}: unknown key{hint}")
+        tp = _hints(cls)[part]
+        if i == len(parts) - 1:
+            try:
+                value = yaml.safe_load(raw) if raw.strip() else ""
+            except yaml.YAMLError:
+                value = raw
+            node[part] = _coerce(value, tp, f"command line: {dotted}", raw=raw)
+            if dataclasses.is_dataclass(node[part]):
+                node[part] = dataclasses.asdict(node[part])
+            elif isinstance(node[part], list):
+                node[part] = [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in node[part]]
+            origins[dotted] = "command line"
+            return
+        if not dataclasses.is_dataclass(tp):
+            raise RecipeError(f"command line: {dotted} is a {_type_name(tp)}, not a section")
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise RecipeError(f"command line: {dotted} is not a mapping in the recipe")
+        cls, prefix = tp, dotted
+
+
+def load_recipe(path: Optional[str] = None, overrides: list[str] = ()) -> Recipe:
+    """Load a recipe file (following `extends:`), apply key=value overrides, validate."""
+    origins: dict[str, str] = {}
+    data = _load_chain(path, origins) if path else {}
+    for text in overrides:
+        key, raw = parse_override(text)
+        _apply_override(data, key, raw, origins)
+    recipe = _build(Recipe, data, "", origins)
+    validate(recipe)
+    return recipe
+
+
+def validate(r: Recipe) -> None:
+    """Cross-field checks that a type cannot express."""
+    checks = [
+        (r.parallel.tp >= 1 and r.parallel.pp >= 1 and r.parallel.cp >= 1, "parallel.tp, pp and cp must be >= 1"),
+        (not r.parallel.sequence_parallel or r.parallel.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1"),
+        (r.model.precision != "fp8" or r.model.layer_spec == "te", "model.precision=fp8 needs model.layer_spec=te"),
+        (r.rollout.n >= 1, "rollout.n must be >= 1"),
+        (r.rollout.temperature > 0, "rollout.temperature must be > 0"),
+        (0 < r.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
+        (r.train.steps >= 0, "train.steps must be >= 0"),
+        (r.train.prompts_per_step >= 1, "train.prompts_per_step must be >= 1"),
+        (r.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
+        (r.train.checkpoint_interval >= 1, "train.checkpoint_interval must be >= 1"),
+        (r.reward.timeout_s > 0, "reward.timeout_s must be > 0"),
+        (r.algo.clip_low >= 0 and r.algo.clip_high >= 0, "algo.clip_low and clip_high must be >= 0"),
+        (r.optim.lr >= 0, "optim.lr must be >= 0"),
+    ]
+    for ok, msg in checks:
+        if not ok:
+            raise RecipeError(msg)
+    for i, d in enumerate(r.data.datasets):
+        if d.weight <= 0:
+            raise RecipeError(f"data.datasets[{i}].weight must be > 0")
+
+
+def to_dict(r: Recipe) -> dict:
+    return dataclasses.asdict(r)
+
+
+def to_yaml(r: Recipe) -> str:
+    return yaml.safe_dump(to_dict(r), sort_keys=False, default_flow_style=False)
+
+
+def field_docs(cls=Recipe, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every field, for `megammr config fields`."""
+    rows = []
+    hints = _hints(cls)
+    for f in dataclasses.fields(cls):
+        dotted = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(field_docs(tp, dotted))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        rows.append((dotted, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows

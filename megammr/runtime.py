@@ -1,0 +1,162 @@
+"""Process start-up: torch.distributed from torchrun or Slurm, megatron parallel_state, seeds.
+
+NCCL with CUDA, gloo without; on a machine without CUDA the project's CPU compatibility layer
+for megatron-core (megammr.megatron_cpu) is applied before anything from megatron is built.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import random
+import subprocess
+from dataclasses import dataclass
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megammr.config import Recipe
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    """Where this process sits in the job, read from the launcher's environment."""
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+    launcher: str  # "torchrun" | "slurm" | "single"
+
+
+def _first_slurm_host(nodelist: str) -> str:
+    """First host of a Slurm nodelist ("node[01-04],gpu7" -> "node01"), via scontrol if present."""
+    try:
+        out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True,
+                             text=True, timeout=10, check=True).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    head = nodelist.split(",")[0]
+    if "[" in head:
+        prefix, rest = head.split("[", 1)
+        first = rest.rstrip("]").split(",")[0].split("-")[0]
+        return prefix + first
+    return head
+
+
+def dist_env_from(environ: Mapping[str, str]) -> DistEnv:
+    """torchrun's RANK/WORLD_SIZE/LOCAL_RANK win; else Slurm's SLURM_PROCID/NTASKS/LOCALID; else one process."""
+    def _int(key):
+        try:
+            return int(environ[key])
+        except ValueError:
+            raise RuntimeError(f"environment variable {key}={environ[key]!r} is not an integer") from None
+
+    if "RANK" in environ and "WORLD_SIZE" in environ:
+        rank, world, local = _int("RANK"), _int("WORLD_SIZE"), int(environ.get("LOCAL_RANK", "0"))
+        launcher = "torchrun"
+    elif "SLURM_PROCID" in environ and "SLURM_NTASKS" in environ:
+        rank, world = _int("SLURM_PROCID"), _int("SLURM_NTASKS")
+        local = int(environ.get("SLURM_LOCALID", "0"))
+        launcher = "slurm"
+    else:
+        rank, world, local, launcher = 0, 1, 0, "single"
+    if not 0 <= rank < world:
+        raise RuntimeError(f"rank {rank} is outside world size {world}")
+
+    addr = environ.get("MASTER_ADDR")
+    if addr is None:
+        if launcher == "slurm" and int(environ.get("SLURM_NNODES", "1")) > 1:
+            nodelist = environ.get("SLURM_JOB_NODELIST") or environ.get("SLURM_NODELIST")
+            if not nodelist:
+                raise RuntimeError("multi-node Slurm job without MASTER_ADDR or SLURM_JOB_NODELIST")
+            addr = _first_slurm_host(nodelist)
+        else:
+            addr = "127.0.0.1"
+    if "MASTER_PORT" in environ:
+        port = _int("MASTER_PORT")
+    elif launcher == "slurm" and "SLURM_JOB_ID" in environ:
+        # Same on every task of a job, different between jobs that share a node.
+        port = 20000 + int(environ["SLURM_JOB_ID"]) % 20000
+    else:
+        port = 29500
+    return DistEnv(rank, world, local, addr, port, launcher)
+
+
+@dataclass
+class Runtime:
+    """What the rest of the program needs to know about the process layout."""
+    env: DistEnv
+    device: torch.device
+    backend: str
+    tp: int
+    pp: int
+    cp: int
+    dp: int
+    cpu_patches: list[str]
+
+    @property
+    def rank(self) -> int:
+        return self.env.rank
+
+    @property
+    def is_main(self) -> bool:
+        return self.env.rank == 0
+
+
+def seed_everything(seed: int) -> None:
+    """Python, NumPy, torch and megatron's model-parallel RNG tracker (when parallel_state is up).
+
+    The tracker gives tensor-parallel ranks different streams for sharded initialisation and
+    dropout, and the same stream for replicated parts, exactly as megatron does on GPU.
+    """
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized():
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+        model_parallel_cuda_manual_seed(seed)
+
+
+def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None, timeout_s: float = 600) -> Runtime:
+    """Start torch.distributed and megatron parallel_state for this recipe; seed every RNG."""
+    env = dist_env_from(os.environ if environ is None else environ)
+    cuda = torch.cuda.is_available()
+    patches: list[str] = []
+    if cuda:
+        torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        from megammr import megatron_cpu
+        patches = megatron_cpu.apply()
+        device, backend = torch.device("cpu"), "gloo"
+
+    tp, pp, cp = recipe.parallel.tp, recipe.parallel.pp, recipe.parallel.cp
+    dp = recipe.data_parallel_size(env.world_size)  # raises naming the sizes when it does not divide
+
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
+            rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+        )
+    from megatron.core import parallel_state as ps
+    if not ps.model_parallel_is_initialized():
+        ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+                                     context_parallel_size=cp)
+    seed_everything(recipe.train.seed)
+    return Runtime(env, device, backend, tp, pp, cp, dp, patches)
+
+
+def shutdown() -> None:
+    from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+__all__ = ["DistEnv", "Runtime", "dist_env_from", "init", "seed_everything", "shutdown"]
