@@ -1,0 +1,29 @@
+"""`megammr bench TARGET`: benchmarks live in code; their latest figures go to BENCHMARKS.md.
+
+Each target is a module megammr.bench.<target> with `add_arguments(parser)` and `run(args)`.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+
+TARGETS = {
+    "kernels": "fused log-prob / entropy / KL / GRPO-loss kernels vs naive torch (memory; GPU: time)",
+    "data": "loader throughput with image decode and preprocessing vs plain webdataset",
+    "rewards": "verifications per second and latency of the reward pool",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
+    for name, help_ in TARGETS.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        try:
+            importlib.import_module(f"megammr.bench.{name}").add_arguments(sp)
+        except ModuleNotFoundError as e:
+            if e.name != f"megammr.bench.{name}":
+                raise
+
+
+def run(args) -> int:
+    return int(importlib.import_module(f"megammr.bench.{args.target}").run(args) or 0)
