@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -176,8 +177,13 @@ def _type_name(tp) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _coerce(value, tp, where: str, raw: Optional[str] = None):
-    """Check (and minimally convert) one value against a field type; raise RecipeError naming `where`."""
+def _coerce(value, tp, key: str, src: str, raw: Optional[str] = None):
+    """Check (and minimally convert) one value against a field type.
+
+    `key` is the dotted key, `src` the file (or "command line") it came from; errors name both.
+    `raw` is the command-line text, so that str and Literal fields take it verbatim.
+    """
+    where = f"{src}: {key}" if src else key
     origin = typing.get_origin(tp)
     bad = RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
     if origin in (typing.Union, types.UnionType):
@@ -185,7 +191,7 @@ def _coerce(value, tp, where: str, raw: Optional[str] = None):
             return None
         (inner,) = [a for a in typing.get_args(tp) if a is not type(None)]
         try:
-            return _coerce(value, inner, where, raw)
+            return _coerce(value, inner, key, src, raw)
         except RecipeError:
             raise bad from None
     if origin is Literal:
@@ -201,11 +207,11 @@ def _coerce(value, tp, where: str, raw: Optional[str] = None):
         if not isinstance(value, list):
             raise bad
         (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_coerce(v, inner, f"{key}[{i}]", src) for i, v in enumerate(value)]
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
-        return _build(tp, value, where, {})
+        return _build(tp, value, key, {}, src)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -237,26 +243,27 @@ def _hints(cls):
     return typing.get_type_hints(cls)
 
 
-def _build(cls, data: dict, prefix: str, origins: dict[str, str]):
+def _build(cls, data: dict, prefix: str, origins: dict[str, str], default_src: str = ""):
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in data.items():
         dotted = f"{prefix}.{key}" if prefix else str(key)
-        src = origins.get(dotted, origins.get(prefix, ""))
+        src = origins.get(dotted, origins.get(prefix, default_src))
         where = f"{src}: {dotted}" if src else dotted
         if key not in names:
             close = difflib.get_close_matches(str(key), names, n=1, cutoff=0.5)
-            hint = f"; did you mean '{(prefix + '.') if prefix else ''}{close[0]}'?" if close else \
+            stem = re.sub(r"\[\d+\]", "", prefix)  # suggest the schema key, not the list index
+            hint = f"; did you mean '{(stem + '.') if stem else ''}{close[0]}'?" if close else \
                 f"; valid keys: {', '.join(names)}"
             raise RecipeError(f"{where}: unknown key{hint}")
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-            kwargs[key] = _build(tp, value, dotted, origins)
+            kwargs[key] = _build(tp, value, dotted, origins, src)
         else:
-            kwargs[key] = _coerce(value, tp, where)
+            kwargs[key] = _coerce(value, tp, dotted, src)
     return cls(**kwargs)
 
 
@@ -342,7 +349,7 @@ def _apply_override(data: dict, key: str, raw: str, origins: dict):
                 value = yaml.safe_load(raw) if raw.strip() else ""
             except yaml.YAMLError:
                 value = raw
-            node[part] = _coerce(value, tp, f"command line: {dotted}", raw=raw)
+            node[part] = _coerce(value, tp, dotted, "command line", raw=raw)
             if dataclasses.is_dataclass(node[part]):
                 node[part] = dataclasses.asdict(node[part])
             elif isinstance(node[part], list):
