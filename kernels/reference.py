@@ -1,0 +1,155 @@
+"""Pure-torch references: the naive float64 ground truth and the chunked fp32 path.
+
+Two kinds of code live here:
+
+* `naive_*`: the obvious computation in float64 (log_softmax + gather, autograd for the
+  gradients). Memory-hungry on purpose; it is the ground truth of the tests.
+* `torch_stats` / `torch_grad`: the chunked path used on machines without a GPU. They are
+  the same per-row math as the Triton kernels in triton_logprobs.py, processed a few rows at a
+  time so that no fp32 copy of the whole [T, V] logits ever exists (only a chunk of rows).
+
+The per-row statistics that both backends produce, for z = logits / temperature:
+    m  = max_j z_j
+    s  = sum_j exp(z_j - m)
+    w  = sum_j exp(z_j - m) * (z_j - m)       (only needed for the entropy)
+    zy = z_label (0 where the label is not on this shard or ignored)
+From them lse = m + log s, entropy = log s - w / s, logp = zy - lse. Keeping w relative to m
+keeps it bounded; shards combine them with [T]-sized all-reduces (see logprobs.combine_stats).
+"""
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk are chosen so that one fp32 [rows, V] temporary stays near this size; the
+# chunked path holds about three of them at once.
+CHUNK_BYTES = 32 * 2**20
+
+
+def chunk_rows(n_rows: int, vocab: int, budget: int | None = None) -> int:
+    return max(1, min(n_rows, (budget or CHUNK_BYTES) // (4 * max(vocab, 1))))
+
+
+# --------------------------------------------------------------------------- float64 truth
+def naive_logprobs(logits, labels, temperature=1.0, ignore_index=-100):
+    """float64 log p(label) and entropy of softmax(logits / temperature); ignored labels give 0."""
+    z = logits.double() / temperature
+    logp_all = torch.log_softmax(z, dim=-1)
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    logp = logp_all.gather(-1, safe.unsqueeze(-1)).squeeze(-1) * valid
+    p = logp_all.exp()
+    ent = -torch.where(p > 0, p * logp_all, torch.zeros_like(p)).sum(-1)  # 0 log 0 = 0 (masked vocab)
+    return logp, ent
+
+
+def naive_token_terms(logp, old_logp, advantages, *, ref_logp=None, rollout_logp=None, clip_low=0.2,
+                      clip_high=0.2, kl_coef=0.0, kl_estimator="k3", tis_cap=None):
+    """Per-token GRPO/PPO loss (before aggregation), written the textbook way with torch ops.
+
+    Differentiable through `logp` by plain autograd; in float64 it is the tests' ground truth.
+    """
+    ratio = torch.exp(logp - old_logp)
+    pg = torch.maximum(-advantages * ratio, -advantages * torch.clamp(ratio, 1 - clip_low, 1 + clip_high))
+    if tis_cap is not None:
+        pg = pg * torch.clamp(torch.exp(old_logp - rollout_logp), max=tis_cap)
+    if kl_coef and ref_logp is not None:
+        delta = ref_logp - logp  # log(pi_ref / pi)
+        kl = {"k1": -delta, "k2": 0.5 * delta**2, "k3": torch.exp(delta) - 1 - delta}[kl_estimator]
+        pg = pg + kl_coef * kl
+    return pg
+
+
+# --------------------------------------------------------------------------- chunked fp32 path
+def torch_stats(x: torch.Tensor, labels: torch.Tensor, inv_temp: float, with_entropy: bool):
+    """Row statistics (m, s, w, zy) of a [T, V] logits matrix, a chunk of rows at a time.
+
+    `labels` are shard-local column indices, -1 where the row has no label on this shard.
+    """
+    n, vocab = x.shape
+    f32 = dict(dtype=torch.float32, device=x.device)
+    m, s, w, zy = (torch.empty(n, **f32) for _ in range(4))
+    step = chunk_rows(n, vocab)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        z = x[a:b].float()
+        z = z * inv_temp if inv_temp != 1.0 else z
+        mc = z.amax(-1)
+        d = z - mc[:, None]
+        p = d.exp()
+        s[a:b] = p.sum(-1)
+        if with_entropy:
+            # exp(-inf) * (-inf) is nan: a masked-out vocabulary entry contributes nothing.
+            w[a:b] = p.mul_(d).masked_fill_(d == float("-inf"), 0.0).sum(-1)
+        m[a:b] = mc
+        lab = labels[a:b]
+        got = z.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
+        zy[a:b] = torch.where(lab >= 0, got, torch.zeros_like(got))
+    if not with_entropy:
+        w.zero_()
+    return m, s, w, zy
+
+
+def torch_grad(x, labels, lse, ent, g_logp, g_ent, inv_temp: float, out):
+    """dlogits = (g_logp * (onehot - p) - g_ent * p * (log p + H)) / temperature, into `out`.
+
+    `out` may be `x` itself (in-place backward): each chunk is read fully before it is written.
+    """
+    n, vocab = x.shape
+    step = chunk_rows(n, vocab)
+    for a in range(0, n, step):
+        b = min(n, a + step)
+        z = x[a:b].float()
+        z = z * inv_temp if inv_temp != 1.0 else z
+        logp = z - lse[a:b, None]
+        p = logp.exp()
+        g1 = g_logp[a:b, None]
+        if g_ent is not None:
+            t = logp.add_(ent[a:b, None]).mul_(g_ent[a:b, None]).add_(g1).mul_(p)
+            t.masked_fill_(p == 0, 0.0)  # p = 0 where logp = -inf: no contribution, not nan
+        else:
+            t = p.mul_(g1)
+        t.neg_()
+        lab = labels[a:b]
+        hit = (lab >= 0)
+        t.scatter_add_(1, lab.clamp(min=0)[:, None], (g1.squeeze(1) * hit)[:, None])
+        if inv_temp != 1.0:
+            t.mul_(inv_temp)
+        out[a:b].copy_(t)
+    return out
+
+
+def torch_loss_terms(logp, old_logp, adv, weight, ref_logp, rollout_logp, entropy, *, clip_low, clip_high,
+                     kl_coef, kl_estimator, tis_cap, entropy_coef):
+    """Elementwise GRPO loss with its analytic gradient; the torch twin of triton_loss._loss_kernel.
+
+    Returns (weighted per-token loss, dloss/dlogp, dloss/dentropy or None, kl per token, clipped flag).
+    `weight` holds the aggregation weight of each token (mask / normaliser).
+    """
+    ratio = torch.exp(logp - old_logp)
+    lo, hi = 1.0 - clip_low, 1.0 + clip_high
+    pg1 = -adv * ratio
+    pg2 = -adv * ratio.clamp(lo, hi)
+    use_unclipped = pg1 >= pg2
+    pg = torch.where(use_unclipped, pg1, pg2)
+    dpg = torch.where(use_unclipped, pg1, torch.zeros_like(pg1))  # d(-A r)/dlogp = -A r
+    clipped = (~use_unclipped).float()
+    if tis_cap is not None:
+        tis = torch.exp(old_logp - rollout_logp).clamp(max=tis_cap)
+        pg, dpg = pg * tis, dpg * tis
+    loss, dlogp = pg, dpg
+    kl = torch.zeros_like(logp)
+    if kl_coef != 0.0 and ref_logp is not None:
+        delta = ref_logp - logp
+        if kl_estimator == "k1":
+            kl, dkl = -delta, torch.ones_like(delta)
+        elif kl_estimator == "k2":
+            kl, dkl = 0.5 * delta * delta, -delta
+        else:
+            e = torch.exp(delta)
+            kl, dkl = e - 1.0 - delta, 1.0 - e
+        loss, dlogp = loss + kl_coef * kl, dlogp + kl_coef * dkl
+    dent = None
+    if entropy is not None and entropy_coef != 0.0:
+        loss = loss - entropy_coef * entropy
+        dent = -entropy_coef * weight
+    return loss * weight, dlogp * weight, dent, kl, clipped
