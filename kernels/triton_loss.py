@@ -43,7 +43,7 @@ def _loss_kernel(logp_ptr, old_ptr, adv_ptr, wt_ptr, ref_ptr, roll_ptr, ent_ptr,
         delta = ref - logp  # log(pi_ref / pi)
         if KL == 1:
             kl = -delta
-            dkl = tl.full_like(delta, 1.0)
+            dkl = tl.zeros_like(delta) + 1.0
         elif KL == 2:
             kl = 0.5 * delta * delta
             dkl = -delta
