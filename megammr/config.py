@@ -89,6 +89,10 @@ class RewardConfig:
     accuracy_weight: float = F(1.0, "Weight of the accuracy reward (math-verify or multiple choice).")
     timeout_s: float = F(5.0, "Hard time limit per verification; a timed-out verification scores 0 and is counted.")
     workers: int = F(2, "Verifier worker processes.")
+    require_think: bool = F(True, "The format reward needs a <think>...</think> block before the answer; False makes it optional.")
+    require_answer_tag: bool = F(True, "Accuracy reads only the <answer> block; False falls back to the text after </think> (or the whole response), e.g. for evaluation.")
+    max_answer_chars: int = F(1000, "Extracted answers longer than this score 0 accuracy without being parsed.")
+    worker_memory_mb: int = F(2048, "Address-space limit per verifier process (a runaway sympy evaluation fails instead of swapping); 0 disables.")
 
 
 @dataclass
@@ -390,6 +394,7 @@ def validate(r: Recipe) -> None:
         (r.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
         (r.train.checkpoint_interval >= 1, "train.checkpoint_interval must be >= 1"),
         (r.reward.timeout_s > 0, "reward.timeout_s must be > 0"),
+        (r.reward.workers >= 1, "reward.workers must be >= 1"),
         (r.algo.clip_low >= 0 and r.algo.clip_high >= 0, "algo.clip_low and clip_high must be >= 0"),
         (r.optim.lr >= 0, "optim.lr must be >= 0"),
     ]

@@ -1,0 +1,213 @@
+"""One verification: format + accuracy of one response against one gold answer.
+
+`score_item` is what a verifier worker runs. It is also safe to call in-process (tests, a
+debugger), but then nothing bounds its time: production code goes through `RewardPool`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any, Optional
+
+from megammr.rewards import extract as ex
+
+# The verifier's own knobs, passed to workers as plain data. Defaults come from RewardConfig
+# (see `Weights.from_config`); the values here only serve direct calls in tests.
+
+
+@dataclass(frozen=True)
+class Weights:
+    format_weight: float
+    accuracy_weight: float
+    require_think: bool = True
+    require_answer_tag: bool = True
+    max_answer_chars: int = 1000
+
+    @classmethod
+    def from_config(cls, cfg) -> "Weights":
+        return cls(cfg.format_weight, cfg.accuracy_weight, cfg.require_think, cfg.require_answer_tag,
+                   cfg.max_answer_chars)
+
+
+@dataclass
+class RewardItem:
+    response: Any                 # str, or bytes that may be invalid UTF-8
+    answer: Any                   # gold: str/number; for multiple choice a letter or an option text
+    choices: Any = None           # None, [option texts] (lettered A, B, ...) or {letter: text}
+
+
+@dataclass
+class RewardResult:
+    format: float = 0.0           # 1.0 when the format is right, else 0.0 (before weighting)
+    accuracy: float = 0.0         # 1.0 when the answer is right, else 0.0 (before weighting)
+    reward: float = 0.0           # format_weight * format + accuracy_weight * accuracy
+    status: str = "ok"            # ok | timeout | crash | error
+    extracted: Optional[str] = None  # the answer text that was compared (truncated to 200 chars)
+    latency_s: float = 0.0        # wall time of this verification as seen by the pool
+    error: Optional[str] = field(default=None, repr=False)
+
+
+# --------------------------------------------------------------------------- math-verify
+_ready = False
+
+
+def _ensure_ready():
+    """Import math-verify and close its eval path once per process (see safe_parse)."""
+    global _ready
+    if not _ready:
+        from megammr.rewards import safe_parse
+        # math-verify logs a warning for every parse without its signal-based timeout; the
+        # pool enforces time limits with processes instead, so that warning is noise.
+        for name in ("math_verify", "math_verify.parser", "math_verify.grader", "latex2sympy2_extended"):
+            logging.getLogger(name).setLevel(logging.ERROR)
+        safe_parse.install(warmup=_warmup)
+        _ready = True
+
+
+def _warmup():
+    """Touch every comparison path once (trusted constants only) so sympy's lazy imports happen
+    before the parser guard is installed."""
+    from math_verify import verify
+    pairs = [("\\frac{1}{2}", "0.5"), ("x^2+2x+1", "(x+1)^2"), ("[1,2)", "(1,2]"), ("\\{1,2\\}", "(1,2)"),
+             ("x=3", "3"), ("50\\%", "0.5"), ("30^\\circ", "\\frac{\\pi}{6}"), ("\\sqrt{2}", "1.41"),
+             ("1 < x < 2", "(1,2)"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)"), ("5 cm", "5")]
+    for g, p in pairs:
+        verify(_parse(g, True), _parse(p, True), timeout_seconds=None)
+        verify(_parse(g, False), _parse(p, False), timeout_seconds=None)
+    _parse.cache_clear()
+
+
+_PROSE = re.compile(r"[A-Za-z]{3,}")
+_COMMAND = re.compile(r"\\[A-Za-z]+")
+_TEXT_ARG = re.compile(r"\\(?:text|mathrm|textbf|mbox|operatorname)\s*\{[^{}]*\}")
+
+
+def _looks_like_prose(s: str) -> bool:
+    """'5 meters' or 'The answer is 2' (read by math-verify's anchored text rules) versus LaTeX
+    or bare math like 'x = 3' or '\\frac{1}{2}\\text{ cm}' (read as one boxed expression)."""
+    bare = _COMMAND.sub(" ", _TEXT_ARG.sub(" ", s))
+    return bool(_PROSE.search(bare))
+
+
+@lru_cache(maxsize=4096)
+def _parse(text: str, boxed: bool) -> tuple:
+    """math-verify parse, signal timeout off (enforced by the pool); cached because gold answers
+    repeat n times per prompt."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+    cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
+    src = "\\boxed{" + text + "}" if boxed else text
+    return tuple(parse(src, cfg, parsing_timeout=None))
+
+
+def _parsed(text: str, from_boxed: bool) -> list:
+    first = from_boxed or not _looks_like_prose(text)
+    out = _parse(text, first)
+    if not out and not from_boxed:
+        out = _parse(text, not first)
+    return list(out)
+
+
+_UNITS = {"mm", "cm", "m", "km", "in", "inch", "inches", "ft", "feet", "foot", "yd", "yards", "mi", "miles",
+          "mg", "g", "kg", "lb", "lbs", "ml", "l", "s", "sec", "seconds", "min", "minutes", "h", "hr", "hours",
+          "days", "years", "units", "unit", "degrees", "degree", "deg", "°", "meters", "metres", "cents",
+          "dollars", "square units", "sq units", "cm2", "m2"}
+_NUM_UNIT = re.compile(r"^\s*([-+]?\d[\d,]*(?:\.\d+)?)\s*(?:\\[,;! ]\s*)*"
+                       r"(?:\\(?:text|mathrm|mbox)\s*\{\s*([^{}]{1,20}?)\s*\}|([A-Za-z°]{1,10}(?: units)?))"
+                       r"(?:\s*\^\s*\{?[23]\}?)?\s*\.?$")
+
+
+def _strip_unit(s: str) -> str:
+    """'12 cm^2' or '12\\,\\text{cm}' -> '12' for a known unit word; anything else unchanged
+    (an unknown trailing letter such as '5x' is math, not a unit)."""
+    m = _NUM_UNIT.match(s)
+    if m and (m.group(2) or m.group(3) or "").lower() in _UNITS:
+        return m.group(1)
+    return s
+
+
+def _plain_equal(gold: str, pred: str) -> bool:
+    """Cheap exact match before any parsing: identical text up to spaces, $ and a final period."""
+    def key(s):
+        s = s.strip().strip("$").strip().rstrip(".")
+        return "".join(s.split())
+    g, p = key(gold), key(pred)
+    return bool(g) and g == p
+
+
+def math_equal(gold: str, pred: str, pred_boxed: bool = True) -> bool:
+    """math-verify equivalence of two answer strings (gold first: verify is not symmetric)."""
+    if _plain_equal(gold, pred):
+        return True
+    if len(pred) <= 60:
+        pred = _strip_unit(pred)
+        if _plain_equal(gold, pred):
+            return True
+    _ensure_ready()
+    from math_verify import verify
+    g = _parsed(gold, from_boxed=not _looks_like_prose(gold))
+    p = _parsed(pred, from_boxed=pred_boxed)
+    if not g or not p:
+        return False
+    return bool(verify(g, p, timeout_seconds=None))
+
+
+# --------------------------------------------------------------------------- the reward
+def _clean(s: str) -> str:
+    # NUL and other C0 controls carry no math; they only trip up C-level tokenisers.
+    return s.replace("\x00", "") if "\x00" in s else s
+
+
+# Deeper brace nesting than this is never a real answer, and the LaTeX grammar's parse time
+# grows steeply with depth (400 levels take seconds), so such answers are not parsed at all.
+MAX_BRACE_DEPTH = 40
+
+
+def _brace_depth(s: str) -> int:
+    depth = peak = 0
+    for c in s:
+        if c == "{":
+            depth += 1
+            peak = max(peak, depth)
+        elif c == "}":
+            depth -= 1
+    return peak
+
+
+def accuracy(response: str, gold: str, options: list, w: Weights) -> tuple[float, Optional[str]]:
+    pred, from_boxed = ex.extract_answer(response, w.require_answer_tag)
+    if pred is None:
+        return 0.0, None
+    pred = _clean(pred)
+    shown = pred[:200]
+    if not pred or len(pred) > w.max_answer_chars or _brace_depth(pred) > MAX_BRACE_DEPTH:
+        return 0.0, shown
+    gl = ex.gold_letter(gold, options)
+    if gl is None and options:
+        # Gold given as the option's value in another notation ('1/2' for option '\frac{1}{2}').
+        hits = [letter for letter, text in options
+                if text.strip() and math_equal(ex.strip_option_prefix(text), gold, False)]
+        gl = hits[0] if len(hits) == 1 else None
+    if gl is not None:
+        allowed = "".join(letter for letter, _ in options) or ex._LETTERS[:8]
+        pl = ex.pred_letter(pred, options, allowed)
+        if pl is None and options:
+            # 'The option text in another notation' (0.5 for \frac{1}{2}): exactly one option
+            # must be math-equal, else nothing is picked.
+            hits = [letter for letter, text in options
+                    if text.strip() and math_equal(ex.strip_option_prefix(text), pred, from_boxed)]
+            pl = hits[0] if len(hits) == 1 else None
+        return (1.0 if pl == gl else 0.0), shown
+    return (1.0 if math_equal(gold, pred, from_boxed) else 0.0), shown
+
+
+def score_item(item: RewardItem, w: Weights) -> RewardResult:
+    """Format and accuracy of one response. Pure; bounded in time only by the calling pool."""
+    response = ex.to_text(item.response)
+    gold = _clean(ex.to_text(item.answer)).strip()
+    options = ex.option_list(item.choices)
+    fmt = 1.0 if ex.format_ok(response, w.require_think) else 0.0
+    acc, shown = accuracy(response, gold, options, w) if gold else (0.0, None)
+    return RewardResult(format=fmt, accuracy=acc, reward=w.format_weight * fmt + w.accuracy_weight * acc,
+                        extracted=shown)
