@@ -1,5 +1,5 @@
-"""A tiny megatron-core GPT gives the same losses and gradient norms at TP=2, PP=2 and
-TP=2xPP=2 as at TP=1 once the same weights are loaded from one torch_dist checkpoint, and a
+"""A tiny megatron-core GPT gives the same losses and gradient norms at TP=2, PP=2,
+TP=2xPP=2 and DP=2 as at TP=1 once the same weights are loaded from one torch_dist checkpoint, and a
 checkpoint saved at TP=2xPP=2 loads at TP=1. CPU, gloo, the project's CPU layer."""
 import math
 import os
@@ -26,14 +26,14 @@ def reference(tmp_path_factory):
     return ckpt, res
 
 
-@pytest.mark.parametrize("tp,pp", [(2, 1), (1, 2), (2, 2)])
-def test_same_loss_and_grad_norm_as_tp1(reference, tmp_path, tp, pp):
+@pytest.mark.parametrize("tp,pp,dp", [(2, 1, 1), (1, 2, 1), (2, 2, 1), (1, 1, 2)])
+def test_same_loss_and_grad_norm_as_tp1(reference, tmp_path, tp, pp, dp):
     from conftest import run_torchrun
     ckpt, ref = reference
     env = dict(TP=tp, PP=pp, LOAD=ckpt)
     if (tp, pp) == (2, 2):
         env["SAVE"] = tmp_path / "trained"
-    (res,) = run_torchrun(SCRIPT, tp * pp, env)
+    (res,) = run_torchrun(SCRIPT, tp * pp * dp, env)
     _close(res["losses"], ref["losses"])
     _close(res["grad_norms"], ref["grad_norms"])
     _close([res["eval_loss"]], [ref["eval_loss"]])
