@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -36,3 +37,26 @@ def run_torchrun(script: str, nproc: int, env: dict | None = None, timeout: floa
 @pytest.fixture
 def torchrun():
     return run_torchrun
+
+
+SLURM_SCRIPT = os.path.join(REPO, "tests", "slurm", "local_slurm.sh")
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster():
+    """A real Slurm on this machine for the session; stopped by pid afterwards.
+
+    Skipped (with the reason) where it cannot exist: not root, or no apt to install Slurm.
+    Under CI=true it must start: a failure to start fails the tests instead of skipping them.
+    """
+    in_ci = os.environ.get("CI") == "true"
+    if os.geteuid() != 0 or (shutil.which("slurmctld") is None and shutil.which("apt-get") is None):
+        if in_ci:
+            pytest.fail("CI needs a local Slurm: run as root on a Debian machine")
+        pytest.skip("a local Slurm needs root and Debian's slurm packages")
+    p = subprocess.run(["bash", SLURM_SCRIPT, "start"], capture_output=True, text=True, timeout=600)
+    if p.returncode != 0:
+        (pytest.fail if in_ci else pytest.skip)(f"local Slurm did not start: {p.stderr[-2000:]}")
+    conf = p.stdout.strip().splitlines()[-1]
+    yield dict(os.environ, SLURM_CONF=conf)
+    subprocess.run(["bash", SLURM_SCRIPT, "stop"], capture_output=True, text=True, timeout=120)

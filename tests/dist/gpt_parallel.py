@@ -102,7 +102,8 @@ def main():
         save(model, os.environ["SAVE"])
     if ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0:
         print("RESULT " + json.dumps(dict(losses=losses, grad_norms=norms, eval_loss=eval_loss,
-                                          cpu_patches=rt.cpu_patches, world=rt.env.world_size)), flush=True)
+                                          cpu_patches=rt.cpu_patches, world=rt.env.world_size,
+                                          launcher=rt.env.launcher)), flush=True)
     runtime.shutdown()
 
 
