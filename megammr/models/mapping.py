@@ -1,0 +1,242 @@
+"""HF <-> Megatron parameter mapping for Qwen2.5-VL (used by conversion, loading and weight sync).
+
+Three views of the same weights:
+- HF: the published checkpoint names (`model.layers.N.self_attn.q_proj.weight`, `visual.*`,
+  `lm_head.weight`); transformers-5 in-memory names (`model.language_model.*`, `model.visual.*`)
+  are accepted on input and normalised.
+- global Megatron: what megatron-core's torch_dist checkpoint stores, keyed by sharded key, with
+  decoder layers stacked on a leading axis; QKV interleaved per query group ([q heads of the group,
+  k, v] for each group); linear_fc1 = [gate; up]; layer norms under their TransformerEngine names
+  (the local spec maps its names to these, so one checkpoint serves both specs).
+- local Megatron: one rank's module parameters: a tensor-parallel slice of the global tensor.
+
+All functions move tensors without arithmetic, so HF -> Megatron -> HF is bit-exact.
+"""
+from __future__ import annotations
+
+import json
+import os
+from typing import Callable, Iterator, Optional
+
+import torch
+
+from megammr.models.backbones import Backbone
+
+LM = "language_model."
+DEC = LM + "decoder.layers."
+
+# Per-layer tensors: global short name -> HF names (inside model.layers.N.) it is built from.
+LAYER_KEYS = {
+    "self_attention.linear_qkv.layer_norm_weight": ["input_layernorm.weight"],
+    "self_attention.linear_qkv.weight": ["self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight"],
+    "self_attention.linear_qkv.bias": ["self_attn.q_proj.bias", "self_attn.k_proj.bias", "self_attn.v_proj.bias"],
+    "self_attention.linear_proj.weight": ["self_attn.o_proj.weight"],
+    "mlp.linear_fc1.layer_norm_weight": ["post_attention_layernorm.weight"],
+    "mlp.linear_fc1.weight": ["mlp.gate_proj.weight", "mlp.up_proj.weight"],
+    "mlp.linear_fc2.weight": ["mlp.down_proj.weight"],
+}
+# Local (module) names of the local spec -> global short names (TE spec modules already use these).
+LOCAL_ALIASES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm_weight",
+                 "pre_mlp_layernorm.weight": "mlp.linear_fc1.layer_norm_weight"}
+# Dimension along which the tensor-parallel slice is taken (None: replicated).
+TP_DIM = {"self_attention.linear_qkv.weight": 0, "self_attention.linear_qkv.bias": 0,
+          "self_attention.linear_proj.weight": 1, "mlp.linear_fc1.weight": 0, "mlp.linear_fc2.weight": 1,
+          "self_attention.linear_qkv.layer_norm_weight": None, "mlp.linear_fc1.layer_norm_weight": None}
+
+
+class CheckpointError(RuntimeError):
+    """A wrong or incomplete checkpoint; the message names the file and tensor."""
+
+
+def normalize_hf_name(name: str) -> str:
+    if name.startswith("model.language_model."):
+        return "model." + name[len("model.language_model."):]
+    if name.startswith("model.visual."):
+        return name[len("model."):]
+    return name
+
+
+# ----------------------------------------------------------------------------- HF expected tensors
+def hf_shapes(bb: Backbone) -> dict[str, tuple[int, ...]]:
+    from megammr.models.tiny import hf_param_shapes
+    return hf_param_shapes(bb.to_hf_config())
+
+
+class HFReader:
+    """Reads tensors of an HF checkpoint directory one at a time (single file or sharded with index).
+
+    Files are opened per read and closed after, so memory-mapped pages of tensors already read
+    are released (peak memory stays near the tensors of one group).
+    """
+
+    def __init__(self, path: str, bb: Optional[Backbone] = None):
+        self.path = path
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.exists(cfg_path):
+            raise CheckpointError(f"{path}: no config.json")
+        with open(cfg_path) as f:
+            self.config = json.load(f)
+        self.backbone = bb or Backbone.from_hf_config(self.config)
+        index = os.path.join(path, "model.safetensors.index.json")
+        if os.path.exists(index):
+            with open(index) as f:
+                wm = json.load(f)["weight_map"]
+            self.files = {normalize_hf_name(k): v for k, v in wm.items()}
+            for fname in sorted(set(wm.values())):
+                if not os.path.exists(os.path.join(path, fname)):
+                    raise CheckpointError(f"{path}: missing shard {fname} (listed in model.safetensors.index.json "
+                                          f"for e.g. {next(k for k, v in wm.items() if v == fname)})")
+        elif os.path.exists(os.path.join(path, "model.safetensors")):
+            from safetensors import safe_open
+            with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+                self.files = {normalize_hf_name(k): "model.safetensors" for k in f.keys()}
+        else:
+            raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
+        self._raw = {}  # normalised name -> name inside the file
+        self.expected = hf_shapes(self.backbone)
+        missing = [k for k in self.expected if k not in self.files]
+        if missing:
+            raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+
+    def get(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+        fname = self.files.get(name)
+        if fname is None:
+            raise CheckpointError(f"{self.path}: tensor {name} not found")
+        with safe_open(os.path.join(self.path, fname), "pt") as f:
+            keys = self._raw.get(fname)
+            if keys is None:
+                keys = self._raw[fname] = {normalize_hf_name(k): k for k in f.keys()}
+            t = f.get_tensor(keys[name])
+        exp = self.expected.get(name)
+        if exp is not None and tuple(t.shape) != tuple(exp):
+            raise CheckpointError(f"{self.path}/{fname}: tensor {name} has shape {tuple(t.shape)}, "
+                                  f"expected {tuple(exp)} from config.json")
+        return t
+
+
+# ----------------------------------------------------------------------------- HF <-> global Megatron
+def qkv_interleave(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bb: Backbone) -> torch.Tensor:
+    g, d = bb.num_kv_heads, bb.head_dim
+    per = bb.num_heads // g
+    rest = q.shape[1:]
+    return torch.cat([q.reshape(g, per * d, *rest), k.reshape(g, d, *rest), v.reshape(g, d, *rest)], dim=1
+                     ).reshape(-1, *rest)
+
+
+def qkv_split(qkv: torch.Tensor, bb: Backbone) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g, d = bb.num_kv_heads, bb.head_dim
+    per = bb.num_heads // g
+    rest = qkv.shape[1:]
+    x = qkv.reshape(g, (per + 2) * d, *rest)
+    q, k, v = x.split([per * d, d, d], dim=1)
+    return (q.reshape(-1, *rest).contiguous(), k.reshape(-1, *rest).contiguous(), v.reshape(-1, *rest).contiguous())
+
+
+def hf_layer_to_global(get: Callable[[str], torch.Tensor], bb: Backbone, layer: int, key: str) -> torch.Tensor:
+    """One global per-layer tensor (without the layer axis) from HF tensors."""
+    src = [get(f"model.layers.{layer}.{n}") for n in LAYER_KEYS[key]]
+    if key.startswith("self_attention.linear_qkv.") and not key.endswith("layer_norm_weight"):
+        return qkv_interleave(*src, bb)
+    if key == "mlp.linear_fc1.weight":
+        return torch.cat(src, dim=0)
+    return src[0]
+
+
+def global_layer_to_hf(t: torch.Tensor, bb: Backbone, layer: int, key: str) -> dict[str, torch.Tensor]:
+    names = [f"model.layers.{layer}.{n}" for n in LAYER_KEYS[key]]
+    if key.startswith("self_attention.linear_qkv.") and not key.endswith("layer_norm_weight"):
+        return dict(zip(names, qkv_split(t, bb)))
+    if key == "mlp.linear_fc1.weight":
+        gate, up = t.chunk(2, dim=0)
+        return {names[0]: gate.contiguous(), names[1]: up.contiguous()}
+    return {names[0]: t}
+
+
+def global_nonlayer_keys(bb: Backbone) -> dict[str, str]:
+    """Global sharded key -> HF name for everything outside the decoder layers."""
+    keys = {LM + "embedding.word_embeddings.weight": "model.embed_tokens.weight",
+            LM + "decoder.final_layernorm.weight": "model.norm.weight"}
+    if not bb.tie_word_embeddings:
+        keys[LM + "output_layer.weight"] = "lm_head.weight"
+    for name in hf_shapes(bb):
+        if name.startswith("visual."):
+            keys["vision_model." + name[len("visual."):]] = name
+    return keys
+
+
+# ----------------------------------------------------------------------------- global <-> local (TP)
+def tp_slice(t: torch.Tensor, key: str, rank: int, size: int) -> torch.Tensor:
+    """This rank's slice of a global tensor (layer axis removed) under tensor parallelism."""
+    if size == 1:
+        return t
+    if key == "mlp.linear_fc1.weight":  # gate and up are each split, then concatenated per rank
+        gate, up = t.chunk(2, dim=0)
+        return torch.cat([gate.chunk(size, 0)[rank], up.chunk(size, 0)[rank]], dim=0)
+    dim = TP_DIM.get(key)
+    if key in (LM + "embedding.word_embeddings.weight", LM + "output_layer.weight"):
+        dim = 0
+    return t if dim is None else t.chunk(size, dim=dim)[rank]
+
+
+def local_to_global_name(local: str, layer_offset: int = 0) -> tuple[str, Optional[int]]:
+    """Module parameter name -> (global key or per-layer short key, global layer index or None)."""
+    if local.startswith(DEC):
+        i, rest = local[len(DEC):].split(".", 1)
+        return LOCAL_ALIASES.get(rest, rest), int(i) + layer_offset
+    return local, None
+
+
+def load_hf_into_model(model, hf_path: str) -> list[str]:
+    """Fill this rank's parameters of a Qwen25VLModel from an HF checkpoint (TP slice, PP stage).
+
+    Returns the names that were set. Raises CheckpointError on a missing tensor or shape mismatch.
+    """
+    from megatron.core import parallel_state as ps
+
+    reader = HFReader(hf_path, model.backbone)
+    bb = model.backbone
+    rank, size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    nonlayer = global_nonlayer_keys(bb)
+    offset = _layer_offset(model)
+    done = []
+    with torch.no_grad():
+        for name, p in model.state_dict(keep_vars=True).items():
+            if name.endswith("_extra_state") or not isinstance(p, torch.Tensor):
+                continue
+            key, layer = local_to_global_name(name, offset)
+            if layer is not None:
+                full = hf_layer_to_global(reader.get, bb, layer, key)
+            elif key == LM + "output_layer.weight" and bb.tie_word_embeddings:
+                full = reader.get("model.embed_tokens.weight")  # the last stage's copy of the tied weight
+            elif key in nonlayer:
+                full = reader.get(nonlayer[key])
+            else:
+                raise CheckpointError(f"no HF source for model parameter {name}")
+            local = tp_slice(full, key, rank, size)
+            if local.shape != p.shape:
+                raise CheckpointError(f"{hf_path}: {name} would get shape {tuple(local.shape)}, "
+                                      f"the model has {tuple(p.shape)}")
+            p.copy_(local.to(p.dtype))
+            done.append(name)
+    return done
+
+
+def _layer_offset(model) -> int:
+    layers = getattr(model.language_model.decoder, "layers", [])
+    return (layers[0].layer_number - 1) if len(layers) else 0
+
+
+__all__ = ["CheckpointError", "HFReader", "LAYER_KEYS", "global_layer_to_hf", "global_nonlayer_keys",
+           "hf_layer_to_global", "load_hf_into_model", "local_to_global_name", "normalize_hf_name",
+           "qkv_interleave", "qkv_split", "tp_slice"]
+
+
+def iter_hf_from_global(get_global: Callable[[str, Optional[int]], torch.Tensor], bb: Backbone
+                        ) -> Iterator[tuple[str, torch.Tensor]]:
+    """HF tensors, one group at a time, from a reader of global Megatron tensors (key, layer)."""
+    for key, hf in global_nonlayer_keys(bb).items():
+        yield hf, get_global(key, None)
+    for layer in range(bb.num_layers):
+        for key in LAYER_KEYS:
+            yield from global_layer_to_hf(get_global(key, layer), bb, layer, key).items()

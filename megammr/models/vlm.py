@@ -1,0 +1,226 @@
+"""Qwen2.5-VL on megatron-core: the native vision tower + a megatron-core GPTModel decoder.
+
+The decoder is a plain GPTModel: RMSNorm, SwiGLU MLP, QKV bias, grouped-query attention,
+multimodal rotary positions (position_embedding_type="mrope" with TransformerConfig.mrope_section),
+tied or untied output layer, tensor and pipeline parallel. The layer spec (TransformerEngine or
+local) is chosen by `layer_spec` (recipe field model.layer_spec); TE is imported only when asked for,
+because it cannot be imported without CUDA.
+
+On the first pipeline stage the token embeddings at <|image_pad|> positions are replaced by the
+merged vision features, in the order transformers uses (batch-major, then sequence).
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megammr.models.backbones import Backbone
+from megammr.models.vision import VisionTower
+
+
+def transformer_config(bb: Backbone, tp: int = 1, pp: int = 1, precision: str = "fp32",
+                       fp8_recipe: str = "tensorwise", recompute: Optional[str] = None,
+                       perform_initialization: bool = True, **overrides):
+    """TransformerConfig of the decoder of `bb`."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    if bb.num_heads % tp or bb.num_kv_heads % tp:
+        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide num_heads={bb.num_heads} "
+                         f"and num_kv_heads={bb.num_kv_heads}")
+    if bb.vocab_size % tp:
+        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide vocab_size={bb.vocab_size}")
+    if bb.num_layers % pp:
+        raise ValueError(f"{bb.name}: pipeline-parallel size {pp} must divide num_layers={bb.num_layers}")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[precision]
+    kw = dict(
+        num_layers=bb.num_layers, hidden_size=bb.hidden_size, ffn_hidden_size=bb.intermediate_size,
+        num_attention_heads=bb.num_heads, num_query_groups=bb.num_kv_heads, kv_channels=bb.head_dim,
+        normalization="RMSNorm", layernorm_epsilon=bb.rms_norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, add_qkv_bias=True,
+        hidden_dropout=0.0, attention_dropout=0.0, mrope_section=list(bb.mrope_section),
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        params_dtype=dtype, pipeline_dtype=dtype, bf16=dtype == torch.bfloat16,
+        use_cpu_initialization=not torch.cuda.is_available(), perform_initialization=perform_initialization,
+        bias_activation_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        # megatron's default; Qwen's attention scale is also 1/sqrt(head_dim)
+        apply_query_key_layer_scaling=False,
+    )
+    if tp > 1 or pp > 1:
+        kw["sequence_parallel"] = False
+    if precision == "fp8":
+        kw.update(fp8="hybrid" if fp8_recipe == "delayed" else "e4m3", fp8_recipe=fp8_recipe)
+    if recompute:
+        kw.update(recompute_granularity=recompute)
+        if recompute == "full":
+            kw.update(recompute_method="uniform", recompute_num_layers=1)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def layer_spec(name: str):
+    """megatron-core ModuleSpec of one decoder layer: 'te' (TransformerEngine) or 'local' (pure torch)."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if name == "local":
+        return specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
+    if name == "te":
+        try:
+            import transformer_engine  # noqa: F401
+        except Exception as e:  # ImportError, or an OSError from its CUDA libraries
+            raise RuntimeError("model.layer_spec=te needs transformer-engine[pytorch] and a GPU "
+                               f"(import failed: {e}); use model.layer_spec=local on CPU") from None
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
+    raise ValueError(f"unknown layer spec {name!r}: expected 'te' or 'local'")
+
+
+class Qwen25VLModel(torch.nn.Module):
+    """vision_model (first stage only) + language_model (megatron GPTModel, this stage's layers).
+
+    A plain nn.Module holding a GPTModel: megatron's schedules, DDP and finalize_model_grads only
+    need `config`, `set_input_tensor`, `share_embeddings_and_output_weights`,
+    `shared_embedding_or_output_weight` and `sharded_state_dict`, which are forwarded here.
+    """
+
+    def __init__(self, bb: Backbone, config, spec, pre_process: bool = True, post_process: bool = True,
+                 vision_dtype: Optional[torch.dtype] = None):
+        super().__init__()
+        from megatron.core.models.gpt import GPTModel
+
+        if config.sequence_parallel:
+            raise ValueError("sequence parallelism is not supported by the Qwen2.5-VL model (image features "
+                             "are merged into a full-sequence embedding)")
+        self.backbone, self.config = bb, config
+        self.pre_process, self.post_process = pre_process, post_process
+        self.vision_model = VisionTower(bb.vision).to(vision_dtype or config.params_dtype) if pre_process else None
+        self.language_model = GPTModel(
+            config=config, transformer_layer_spec=spec, vocab_size=bb.vocab_size,
+            max_sequence_length=bb.max_position_embeddings, pre_process=pre_process, post_process=post_process,
+            share_embeddings_and_output_weights=bb.tie_word_embeddings, position_embedding_type="mrope",
+            rotary_base=int(bb.rope_theta) if float(bb.rope_theta).is_integer() else bb.rope_theta,
+        )
+        # megatron's schedules and finalize_model_grads look for these on the model they drive
+        from megatron.core.enums import ModelType
+        self.model_type = ModelType.encoder_or_decoder
+        self.share_embeddings_and_output_weights = bb.tie_word_embeddings
+
+    # ---- megatron pipeline plumbing
+    def set_input_tensor(self, input_tensor):
+        self.language_model.set_input_tensor(input_tensor)
+
+    def shared_embedding_or_output_weight(self):
+        return self.language_model.shared_embedding_or_output_weight()
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        from megatron.core.transformer.utils import sharded_state_dict_default
+
+        sd = self.language_model.sharded_state_dict(prefix=f"{prefix}language_model.", metadata=metadata)
+        if self.vision_model is not None:
+            # Replicated over TP and DP: the default helper marks every tensor with a replica id.
+            sd.update(sharded_state_dict_default(self.vision_model, f"{prefix}vision_model.", sharded_offsets, metadata))
+        return sd
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
+              image_grid_thw: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Decoder input [s, b, h]: token embeddings with image features at <|image_pad|> positions."""
+        emb = self.language_model.embedding(input_ids=input_ids, position_ids=None)  # [s, b, h]
+        if pixel_values is None:
+            return emb
+        feats = self.vision_model(pixel_values, image_grid_thw).to(emb.dtype)
+        mask = input_ids == self.backbone.image_token_id  # [b, s]
+        n = int(mask.sum())
+        if n != feats.shape[0]:
+            raise ValueError(f"{n} <|image_pad|> tokens but {feats.shape[0]} image features "
+                             f"(image_grid_thw={image_grid_thw.tolist()})")
+        bsh = emb.transpose(0, 1).masked_scatter(mask[..., None], feats)
+        return bsh.transpose(0, 1).contiguous()
+
+    def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask=None,
+                pixel_values: Optional[torch.Tensor] = None, image_grid_thw: Optional[torch.Tensor] = None,
+                labels: Optional[torch.Tensor] = None, **kwargs):
+        """input_ids [b, s]; position_ids [3, b, s] (see `mrope_position_ids`). Returns what GPTModel
+        returns: logits [b, s, vocab/tp] on the last stage (per-token loss when labels are given),
+        hidden states elsewhere."""
+        decoder_input = self.embed(input_ids, pixel_values, image_grid_thw) if self.pre_process else None
+        return self.language_model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask,
+                                   decoder_input=decoder_input, labels=labels, **kwargs)
+
+
+def build_model(bb: Backbone, layer_spec_name: str = "local", precision: str = "fp32", fp8_recipe: str = "tensorwise",
+                recompute: Optional[str] = None, perform_initialization: bool = True,
+                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
+                freeze_vision: bool = False) -> Qwen25VLModel:
+    """This rank's part of the model, from megatron parallel_state (TP/PP sizes and stage)."""
+    from megatron.core import parallel_state as ps
+
+    tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    cfg = transformer_config(bb, tp, pp, precision, fp8_recipe, recompute, perform_initialization)
+    pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
+    post = ps.is_pipeline_last_stage() if post_process is None else post_process
+    model = Qwen25VLModel(bb, cfg, layer_spec(layer_spec_name), pre, post)
+    if freeze_vision and model.vision_model is not None:
+        model.vision_model.requires_grad_(False)
+    return model
+
+
+def build_from_recipe(recipe, bb: Optional[Backbone] = None) -> Qwen25VLModel:
+    """The model of a recipe: backbone from model.hf_path's config.json when given, else the table."""
+    import json
+    import os
+
+    from megammr.models.backbones import get_backbone
+
+    m = recipe.model
+    if bb is None:
+        if m.hf_path:
+            with open(os.path.join(m.hf_path, "config.json")) as f:
+                bb = Backbone.from_hf_config(json.load(f), name=m.backbone)
+        else:
+            bb = get_backbone(m.backbone)
+    if m.precision == "fp8" and m.layer_spec != "te":
+        raise ValueError("model.precision=fp8 needs model.layer_spec=te")
+    return build_model(bb, m.layer_spec, m.precision, m.fp8_recipe, m.recompute, freeze_vision=m.freeze_vision)
+
+
+def mrope_position_ids(input_ids: torch.Tensor, bb: Backbone, image_grid_thw: Optional[torch.Tensor] = None,
+                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[3, b, s] multimodal rotary positions, as transformers' Qwen2.5-VL get_rope_index for images.
+
+    Text tokens advance all three components together; an image's tokens get (t, h, w) grid
+    coordinates (in merge units) offset by the position where the image starts, and the text after
+    it resumes at that offset + max(h, w). Padding (attention_mask == 0) is skipped and gets 0.
+    """
+    m = bb.vision.spatial_merge_size
+    b, s = input_ids.shape
+    out = torch.zeros(3, b, s, dtype=torch.long, device=input_ids.device)
+    grids = iter(image_grid_thw.tolist()) if image_grid_thw is not None else iter(())
+    for i in range(b):
+        keep = attention_mask[i].bool() if attention_mask is not None else torch.ones(s, dtype=torch.bool)
+        ids = input_ids[i][keep].tolist()
+        pieces, cur = [], 0
+        for is_img, run in itertools.groupby(ids, key=lambda t: t == bb.image_token_id):
+            n = len(list(run))
+            if not is_img:
+                pieces.append(torch.arange(n).expand(3, n) + cur)
+                cur += n
+                continue
+            try:
+                t, h, w = next(grids)
+            except StopIteration:
+                raise ValueError(f"sequence {i} has more <|image_pad|> runs than image_grid_thw rows") from None
+            gh, gw = h // m, w // m
+            if n != t * gh * gw:
+                raise ValueError(f"sequence {i}: an <|image_pad|> run of {n} tokens does not match grid {t, h, w}")
+            tt, hh, ww = torch.meshgrid(torch.arange(t), torch.arange(gh), torch.arange(gw), indexing="ij")
+            pieces.append(torch.stack([tt, hh, ww]).reshape(3, -1) + cur)
+            cur += max(gh, gw)
+        if pieces:
+            out[:, i, keep.to(out.device)] = torch.cat(pieces, dim=1).to(out.device)
+    return out
+
+
+__all__ = ["Qwen25VLModel", "build_from_recipe", "build_model", "layer_spec", "mrope_position_ids",
+           "transformer_config"]
