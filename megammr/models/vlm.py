@@ -224,3 +224,12 @@ def mrope_position_ids(input_ids: torch.Tensor, bb: Backbone, image_grid_thw: Op
 
 __all__ = ["Qwen25VLModel", "build_from_recipe", "build_model", "layer_spec", "mrope_position_ids",
            "transformer_config"]
+
+
+def count_parameters_meta(bb: Backbone) -> int:
+    """Parameters of the whole model at TP=1/PP=1, built on the meta device (no memory used).
+
+    Needs megatron parallel_state initialised with TP=1, PP=1 (megammr.runtime.init)."""
+    with torch.device("meta"):
+        model = build_model(bb, "local", "bf16", perform_initialization=False, pre_process=True, post_process=True)
+    return sum(p.numel() for p in model.parameters())
