@@ -1,0 +1,318 @@
+"""`megammr bench kernels`: fused log-prob / entropy / GRPO-loss kernels against naive torch.
+
+CPU (always): extra peak memory above the inputs of log-probs + entropy + GRPO loss, forward and
+backward down to dlogits, at T=4096, V=151936, fp32, each variant in a fresh process:
+    naive      log_softmax + gather, entropy from softmax, the loss in torch ops, autograd
+    ours       megammr.kernels (chunked torch path on CPU) with inplace_backward
+    ours-oop   the same with the gradient in a new buffer (one [T, V] copy is then unavoidable)
+The child process resets the kernel's peak-RSS counter (/proc/self/clear_refs) once its inputs
+exist, and reports VmHWM - VmRSS at that point: every byte the variant allocated beyond them,
+the gradient included. Results (loss, log-probs, entropy, a slice of dlogits) are compared.
+
+GPU (only when CUDA is present): median ms by triton.testing.do_bench, achieved GB/s and its
+fraction of the measured copy bandwidth for the from-logits kernels, TFLOP/s and fraction of the
+measured bf16 matmul rate for the from-hidden path, and peak memory, side by side with naive
+torch and Liger-Kernel (when importable), at T=16384, H=2048, V=151936.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+CPU_VARIANTS = ("naive", "ours", "ours-oop")
+LOSS_CFG = dict(clip_low=0.2, clip_high=0.28, kl_coef=1e-3, kl_estimator="k3", entropy_coef=1e-3)
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    p.add_argument("--tokens", "-T", type=int, default=4096, help="tokens T of the CPU memory benchmark")
+    p.add_argument("--vocab", "-V", type=int, default=151936, help="vocabulary size V")
+    p.add_argument("--variants", default=",".join(CPU_VARIANTS), help="CPU variants, comma separated")
+    p.add_argument("--gpu-tokens", type=int, default=16384, help="T of the GPU benchmark")
+    p.add_argument("--hidden", type=int, default=2048, help="H of the GPU from-hidden benchmark")
+    p.add_argument("--skip-cpu", action="store_true", help="only the GPU part")
+    p.add_argument("--json", default=None, help="also write all figures to this JSON file")
+
+
+# --------------------------------------------------------------------------- CPU memory
+def _status():
+    out = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                k, v = line.split(":")
+                out[k] = int(v.split()[0]) * 1024
+    return out
+
+
+def _cpu_inputs(T, V, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.empty(T, V)
+    logits.normal_(0.0, 3.0, generator=g)  # in place: no transient second copy before the baseline
+    labels = torch.randint(0, V, (T,), generator=g)
+    old = -torch.rand(T, generator=g) * 5
+    ref = old + torch.randn(T, generator=g) * 0.2
+    adv = torch.randn(T, generator=g)
+    mask = torch.rand(T, generator=g) > 0.1
+    return logits.requires_grad_(), labels, old, ref, adv, mask
+
+
+def _naive(logits, labels, old, ref, adv, mask):
+    from megammr.kernels.reference import naive_token_terms
+    logp_all = torch.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)
+    ent = -(logp_all.exp() * logp_all).sum(-1)
+    cfg = {k: v for k, v in LOSS_CFG.items() if k != "entropy_coef"}
+    terms = naive_token_terms(logp, old, adv, ref_logp=ref, **cfg) - LOSS_CFG["entropy_coef"] * ent
+    m = mask.float()
+    loss = (terms * m).sum() / m.sum()
+    (dlogits,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), logp.detach(), ent.detach(), dlogits
+
+
+def _ours(logits, labels, old, ref, adv, mask, inplace):
+    from megammr.kernels import grpo_loss, logprobs_from_logits
+    logp, ent = logprobs_from_logits(logits, labels, return_entropy=True, inplace_backward=inplace)
+    loss, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, entropy=ent, **LOSS_CFG)
+    (dlogits,) = torch.autograd.grad(loss, logits)
+    return loss.detach(), logp.detach(), ent.detach(), dlogits
+
+
+def _child(variant, T, V, out_path):
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
+    inputs = _cpu_inputs(T, V)
+    import megammr.kernels  # noqa: F401  (imports before the baseline, as for naive's torch)
+    import megammr.kernels.reference  # noqa: F401
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS: the baseline is "inputs allocated"
+    base = _status()["VmRSS"]
+    t0 = time.perf_counter()
+    if variant == "naive":
+        res = _naive(*inputs)
+    else:
+        res = _ours(*inputs, inplace=(variant == "ours"))
+    secs = time.perf_counter() - t0
+    peak = _status()["VmHWM"]
+    loss, logp, ent, dlogits = res
+    torch.save(dict(loss=loss, logp=logp, ent=ent, dlogits_rows=dlogits[:16].clone(),
+                    dlogits_norm=torch.linalg.vector_norm(dlogits), extra=peak - base, base=base, secs=secs), out_path)
+
+
+def _rel(a, b):
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm()).item()
+
+
+def run_cpu(args) -> dict:
+    T, V = args.tokens, args.vocab
+    variants = [v for v in args.variants.split(",") if v]
+    input_bytes = T * V * 4
+    rows, results = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            path = os.path.join(tmp, f"{v}.pt")
+            cmd = [sys.executable, "-m", "megammr.bench.kernels", "--child", v, str(T), str(V), path]
+            p = subprocess.run(cmd, capture_output=True, text=True)
+            if p.returncode != 0:
+                print(f"{v}: child failed (rc={p.returncode}):\n{p.stderr[-3000:]}", file=sys.stderr)
+                continue
+            results[v] = torch.load(path)
+    if "naive" not in results:
+        print("naive variant missing: nothing to compare against", file=sys.stderr)
+    ref = results.get("naive")
+    for v, r in results.items():
+        row = dict(variant=v, extra_gib=r["extra"] / 2**30, extra_over_logits=r["extra"] / input_bytes,
+                   seconds=r["secs"])
+        if ref is not None:
+            row["ratio_vs_naive"] = ref["extra"] / max(r["extra"], 1)
+            row["rel_err"] = max(_rel(r["logp"], ref["logp"]), _rel(r["ent"], ref["ent"]),
+                                 _rel(r["dlogits_rows"], ref["dlogits_rows"]),
+                                 abs(r["loss"].item() - ref["loss"].item()) / abs(ref["loss"].item()),
+                                 abs(r["dlogits_norm"].item() - ref["dlogits_norm"].item()) / ref["dlogits_norm"].item())
+        rows.append(row)
+    print(f"\nCPU: extra peak memory above inputs (logits fp32 [{T}, {V}] = {input_bytes / 2**30:.2f} GiB), "
+          f"log-probs + entropy + GRPO loss, forward + backward to dlogits; fresh process per variant")
+    print(f"{'variant':10s} {'extra GiB':>10s} {'x logits':>9s} {'naive/this':>11s} {'max rel err':>12s} {'s':>7s}")
+    for r in rows:
+        print(f"{r['variant']:10s} {r['extra_gib']:10.3f} {r['extra_over_logits']:9.2f} "
+              f"{r.get('ratio_vs_naive', float('nan')):11.1f} {r.get('rel_err', float('nan')):12.2e} {r['seconds']:7.1f}")
+    return dict(T=T, V=V, dtype="fp32", rows=rows, machine=_machine())
+
+
+# --------------------------------------------------------------------------- GPU timing
+def _ceilings():
+    """Measured ceilings: device-to-device copy bandwidth (bytes read + written) and bf16 matmul rate."""
+    from triton.testing import do_bench
+    src = torch.empty(2**30, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    ms = do_bench(lambda: dst.copy_(src), return_mode="median")
+    bw = 2 * src.numel() / (ms * 1e-3)
+    del src, dst
+    n = 8192
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    ms = do_bench(lambda: a @ b, return_mode="median")
+    return bw, 2 * n**3 / (ms * 1e-3)
+
+
+def _measure(fn):
+    """(median ms, extra peak bytes above what was allocated before) or an 'OOM' marker."""
+    from triton.testing import do_bench
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    try:
+        fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - base
+        ms = do_bench(fn, return_mode="median")
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, None
+    return ms, peak
+
+
+def _liger():
+    try:
+        from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+        return LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
+    except Exception:  # optional comparison only
+        return None, None
+
+
+def run_gpu(args) -> dict:
+    from megammr.kernels import logprobs_from_hidden, logprobs_from_logits
+    from megammr.kernels.reference import naive_logprobs
+    T, H, V = args.gpu_tokens, args.hidden, args.vocab
+    dev, bf16 = "cuda", torch.bfloat16
+    bw, mm_rate = _ceilings()
+    g = torch.Generator(device=dev).manual_seed(0)
+    logits = (torch.randn(T, V, device=dev, generator=g) * 3).to(bf16)
+    labels = torch.randint(0, V, (T,), device=dev, generator=g)
+    g1, g2 = torch.randn(T, device=dev, generator=g), torch.randn(T, device=dev, generator=g)
+    nbytes = T * V * logits.element_size()
+    rows = []
+
+    def add(name, kind, fn, moved=None, flops=None, note=""):
+        ms, peak = _measure(fn)
+        r = dict(name=name, kind=kind, ms=ms, peak_gib=None if peak is None else peak / 2**30, note=note)
+        if ms is not None and moved:
+            r["GBps"] = moved / (ms * 1e-3) / 1e9
+            r["roofline"] = moved / (ms * 1e-3) / bw
+        if ms is not None and flops:
+            r["TFLOPs"] = flops / (ms * 1e-3) / 1e12
+            r["of_peak"] = flops / (ms * 1e-3) / mm_rate
+        rows.append(r)
+
+    # correctness on the first rows against float64, before any timing
+    lp, en = logprobs_from_logits(logits, labels, return_entropy=True)
+    rl, re = naive_logprobs(logits[:256].double(), labels[:256])
+    err = max(_rel(lp[:256], rl), _rel(en[:256], re))
+
+    x = logits.clone().requires_grad_()
+
+    def ours_fwd(bv=None):
+        with torch.no_grad():
+            return logprobs_from_logits(logits, labels, return_entropy=True, block_v=bv)
+
+    def ours_fwd_bwd():
+        a, b = logprobs_from_logits(x, labels, return_entropy=True)
+        return torch.autograd.grad((a * g1).sum() + (b * g2).sum(), x)
+
+    def naive_fwd():
+        with torch.no_grad():
+            la = torch.log_softmax(logits.float(), -1)
+            return la.gather(-1, labels[:, None]), -(la.exp() * la).sum(-1)
+
+    def naive_fwd_bwd():
+        la = torch.log_softmax(x.float(), -1)
+        a, b = la.gather(-1, labels[:, None]).squeeze(-1), -(la.exp() * la).sum(-1)
+        return torch.autograd.grad((a * g1).sum() + (b * g2).sum(), x)
+
+    for bv in (2048, 4096, 8192):
+        add(f"ours fwd BLOCK_V={bv}", "logits", lambda bv=bv: ours_fwd(bv), moved=nbytes)
+    add("ours fwd+bwd", "logits", ours_fwd_bwd, moved=3 * nbytes, note="bwd out-of-place; in-place moves the same bytes")
+    add("naive fwd", "logits", naive_fwd, moved=nbytes)
+    add("naive fwd+bwd", "logits", naive_fwd_bwd, moved=3 * nbytes)
+    ce_cls, flce_cls = _liger()
+    if ce_cls is not None:
+        ce = ce_cls()
+        xl = logits.clone().requires_grad_()
+        # Liger writes the gradient over its input in the forward; repeated runs see gradient values.
+        add("liger CE fwd+bwd", "logits", lambda: torch.autograd.grad(ce(xl, labels), xl),
+            moved=3 * nbytes, note="mean CE, no entropy, in-place")
+    del x
+
+    hidden = torch.randn(T, H, device=dev, generator=g).to(bf16)
+    weight = (torch.randn(V, H, device=dev, generator=g) * H**-0.5).to(bf16)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    f = 2 * T * H * V
+
+    def hid_fwd():
+        with torch.no_grad():
+            return logprobs_from_hidden(hidden, weight, labels, return_entropy=True)
+
+    def hid_fwd_bwd():
+        a, b = logprobs_from_hidden(h, w, labels, return_entropy=True)
+        return torch.autograd.grad((a * g1).sum() + (b * g2).sum(), (h, w))
+
+    def hid_naive_fwd_bwd():
+        la = torch.log_softmax((h @ w.t()).float(), -1)
+        a, b = la.gather(-1, labels[:, None]).squeeze(-1), -(la.exp() * la).sum(-1)
+        return torch.autograd.grad((a * g1).sum() + (b * g2).sum(), (h, w))
+
+    add("ours hidden fwd", "hidden", hid_fwd, flops=f)
+    add("ours hidden fwd+bwd", "hidden", hid_fwd_bwd, flops=3 * f, note="useful 6THV; runs 8THV (recompute)")
+    add("naive hidden fwd+bwd", "hidden", hid_naive_fwd_bwd, flops=3 * f)
+    if flce_cls is not None:
+        flce = flce_cls()
+        add("liger FLCE fwd+bwd", "hidden", lambda: torch.autograd.grad(flce(w, h, labels), (h, w)), flops=3 * f,
+            note="mean CE, no entropy")
+
+    print(f"\nGPU {torch.cuda.get_device_name()}: T={T} H={H} V={V} bf16; copy {bw / 1e9:.0f} GB/s, "
+          f"bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s measured; max rel err vs float64 {err:.2e}")
+    print(f"{'variant':28s} {'ms':>8s} {'GB/s':>7s} {'roof':>5s} {'TFLOP/s':>8s} {'peak':>5s} {'extra GiB':>9s}  note")
+    for r in rows:
+        ms = "OOM" if r["ms"] is None else f"{r['ms']:.2f}"
+        print(f"{r['name']:28s} {ms:>8s} {r.get('GBps', float('nan')):7.0f} {r.get('roofline', float('nan')):5.2f} "
+              f"{r.get('TFLOPs', float('nan')):8.1f} {r.get('of_peak', float('nan')):5.2f} "
+              f"{(r['peak_gib'] if r['peak_gib'] is not None else float('nan')):9.2f}  {r['note']}")
+    return dict(T=T, H=H, V=V, copy_GBps=bw / 1e9, mm_TFLOPs=mm_rate / 1e12, rel_err=err, rows=rows,
+                machine=_machine())
+
+
+def _machine():
+    return dict(cpu=platform.processor() or platform.machine(), cores=os.cpu_count(), torch=torch.__version__,
+                python=platform.python_version(),
+                gpu=torch.cuda.get_device_name() if torch.cuda.is_available() else None)
+
+
+def run(args) -> int:
+    out = {}
+    if not args.skip_cpu:
+        out["cpu"] = run_cpu(args)
+    if torch.cuda.is_available():
+        out["gpu"] = run_gpu(args)
+    else:
+        print("\nGPU part skipped: no CUDA device (do_bench ms, GB/s, TFLOP/s, Liger comparison need one).")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=1)
+    bad = [r for r in out.get("cpu", {}).get("rows", []) if not r.get("rel_err", 0.0) < 1e-4]
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        _child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    else:
+        ap = argparse.ArgumentParser(prog="megammr bench kernels")
+        add_arguments(ap)
+        sys.exit(run(ap.parse_args()))
