@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from .logprobs import _ops, _shard_labels, combine_stats, resolve_backend
 
-# Tokens per chunk: chunk * V_local * 4 bytes of fp32-equivalent logits. 2048 x 152k bf16 = 0.6 GB.
+# Tokens per chunk: one chunk of logits (in the matmul dtype) is about this size; 1766 x 152k bf16.
 DEFAULT_CHUNK_BYTES = 512 * 2**20
 
 
@@ -67,9 +67,13 @@ class _HiddenLogProbs(torch.autograd.Function):
             logits = h[a:b] @ weight.t()
             grad_fn(logits, lab[a:b], lse[a:b], ent[a:b], g1[a:b], None if g2 is None else g2[a:b], inv_t, logits)
             dh[a:b] = logits @ weight
-            if dw is not None:
-                dw.addmm_(logits.t().to(dw.dtype) if logits.dtype != dw.dtype else logits.t(),
-                          h[a:b].to(dw.dtype) if h.dtype != dw.dtype else h[a:b])
+            if dw is None:
+                pass
+            elif logits.dtype == dw.dtype:
+                dw.addmm_(logits.t(), h[a:b])
+            else:
+                # bf16 matmul (fp32 accumulation inside) at tensor-core speed; chunks summed in fp32.
+                dw += (logits.t() @ h[a:b]).float()
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(dh, group=group)
         return (dh.view(hidden.shape), None if dw is None else dw.to(weight.dtype),
