@@ -239,4 +239,4 @@ def iter_hf_from_global(get_global: Callable[[str, Optional[int]], torch.Tensor]
         yield hf, get_global(key, None)
     for layer in range(bb.num_layers):
         for key in LAYER_KEYS:
-            yield from global_layer_to_hf(get_global(key, layer), bb, layer, key).items()
+            yield from global_layer_to_hf(get_global(DEC + key, layer), bb, layer, key).items()

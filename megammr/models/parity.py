@@ -77,12 +77,11 @@ def load_mcore_checkpoint(model, ckpt_dir: str) -> None:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-    sd = model.sharded_state_dict()
-    have = set(dist_checkpointing.load_tensors_metadata(ckpt_dir).keys())
     from torch.distributed.checkpoint import FileSystemReader
+
+    sd = model.sharded_state_dict()
     stored = set(FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata.keys())
     sd = {k: v for k, v in sd.items() if not (isinstance(v, ShardedObject) and v.unique_key not in stored)}
-    del have
     state = dist_checkpointing.load(sd, ckpt_dir)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]

@@ -115,12 +115,15 @@ class Qwen25VLModel(torch.nn.Module):
         return self.language_model.shared_embedding_or_output_weight()
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        from megatron.core.transformer.utils import sharded_state_dict_default
+        from megatron.core import parallel_state as ps
+        from megatron.core.dist_checkpointing.mapping import ShardedTensor
 
         sd = self.language_model.sharded_state_dict(prefix=f"{prefix}language_model.", metadata=metadata)
         if self.vision_model is not None:
-            # Replicated over TP and DP: the default helper marks every tensor with a replica id.
-            sd.update(sharded_state_dict_default(self.vision_model, f"{prefix}vision_model.", sharded_offsets, metadata))
+            # Replicated over TP and DP: one main replica (tp rank 0, dp rank 0) writes each tensor.
+            replica = (0, ps.get_tensor_model_parallel_rank(), ps.get_data_parallel_rank(with_context_parallel=True))
+            for name, t in self.vision_model.state_dict(prefix=f"{prefix}vision_model.", keep_vars=True).items():
+                sd[name] = ShardedTensor.from_rank_offsets(name, t, replica_id=replica)
         return sd
 
     def embed(self, input_ids: torch.Tensor, pixel_values: Optional[torch.Tensor] = None,
