@@ -67,7 +67,9 @@ class DataConfig:
     max_prompt_tokens: int = F(4096, "Prompts longer than this (image tokens included) are skipped and counted.")
     min_pixels: int = F(3136, "Smallest image area after Qwen2.5-VL resizing (4 * 28 * 28).")
     max_pixels: int = F(1003520, "Largest image area after Qwen2.5-VL resizing (1280 * 28 * 28).")
-    num_workers: int = F(2, "Data loader worker processes per rank.")
+    num_workers: int = F(2, "Data loader worker processes per rank. A saved loader state resumes only with the same count.")
+    shuffle_buffer_size: int = F(100, "Samples in each worker's shuffle buffer (energon); shards are also read in seeded random order.")
+    max_samples_per_sequence: int = F(100, "Samples read in a row from one shard before energon jumps to another (larger: faster I/O, weaker shuffling).")
 
 
 @dataclass
@@ -397,6 +399,9 @@ def validate(r: Recipe) -> None:
         (r.reward.workers >= 1, "reward.workers must be >= 1"),
         (r.algo.clip_low >= 0 and r.algo.clip_high >= 0, "algo.clip_low and clip_high must be >= 0"),
         (r.optim.lr >= 0, "optim.lr must be >= 0"),
+        (0 < r.data.min_pixels <= r.data.max_pixels, "data.min_pixels must be > 0 and <= data.max_pixels"),
+        (r.data.num_workers >= 0 and r.data.shuffle_buffer_size >= 1 and r.data.max_samples_per_sequence >= 1,
+         "data.num_workers must be >= 0; data.shuffle_buffer_size and max_samples_per_sequence >= 1"),
     ]
     for ok, msg in checks:
         if not ok:
