@@ -100,6 +100,7 @@ def hf_to_mcore(hf_dir: str, out_dir: str) -> dict:
     from torch.distributed.checkpoint.planner import SavePlan
 
     reader = HFReader(hf_dir)
+    reader.validate()  # shape errors before anything is written
     bb = reader.backbone
     items = _plan_items(bb, reader)
     producers = {(w.index.fqn, w.index.offset): p for w, p in items}

@@ -98,6 +98,21 @@ class HFReader:
         if missing:
             raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
 
+    def validate(self) -> None:
+        """Check every expected tensor's shape from the file headers (no tensor data is read)."""
+        from safetensors import safe_open
+        by_file: dict[str, list[str]] = {}
+        for name in self.expected:
+            by_file.setdefault(self.files[name], []).append(name)
+        for fname, names in sorted(by_file.items()):
+            with safe_open(os.path.join(self.path, fname), "pt") as f:
+                raw = self._raw.setdefault(fname, {normalize_hf_name(k): k for k in f.keys()})
+                for name in names:
+                    shape = tuple(f.get_slice(raw[name]).get_shape())
+                    if shape != tuple(self.expected[name]):
+                        raise CheckpointError(f"{self.path}/{fname}: tensor {name} has shape {shape}, "
+                                              f"expected {tuple(self.expected[name])} from config.json")
+
     def get(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
         fname = self.files.get(name)
