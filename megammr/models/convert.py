@@ -27,6 +27,7 @@ from megammr.models.mapping import (DEC, LAYER_KEYS, CheckpointError, HFReader, 
                                     hf_layer_to_global, iter_hf_from_global, normalize_hf_name)
 
 HF_META_DIR = "hf"
+_ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 _EXTRA_STATE_MODULES = ("self_attention.linear_proj", "self_attention.linear_qkv", "mlp.linear_fc1", "mlp.linear_fc2")
 _WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5")
 
@@ -189,8 +190,6 @@ class McoreReader:
 def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_meta_dir: Optional[str] = None,
                 max_shard_bytes: int = 512 * 2**20) -> dict:
     """Write HF safetensors (+ config, tokenizer, processor) from a torch_dist checkpoint."""
-    from safetensors.torch import save_file
-
     meta = hf_meta_dir or os.path.join(ckpt_dir, HF_META_DIR)
     if not os.path.exists(os.path.join(meta, "config.json")):
         raise CheckpointError(f"no config.json in {meta}: pass --hf-config DIR (the HF directory the model came from)")
@@ -207,35 +206,44 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_meta_dir: Optional[str] = None,
     copy_hf_meta(meta, tmp)
     from megammr.models.mapping import hf_shapes
     expected = hf_shapes(bb)
-    shard, size, files, weight_map, total = {}, 0, [], {}, 0
-
-    def flush():
-        nonlocal shard, size
-        if shard:
-            name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shard, os.path.join(tmp, name), metadata={"format": "pt"})
-            files.append(name)
-            weight_map.update({k: name for k in shard})
-            shard, size = {}, 0
-
-    for name, t in iter_hf_from_global(reader.get, bb):
-        if tuple(t.shape) != tuple(expected[name]):
-            raise CheckpointError(f"{ckpt_dir}: {name} has shape {tuple(t.shape)}, config.json expects "
-                                  f"{tuple(expected[name])}")
-        n = t.numel() * t.element_size()
-        if shard and size + n > max_shard_bytes:
-            flush()
-        shard[name] = t.contiguous()
+    dtypes = {k: v.properties.dtype for k, v in reader.md.state_dict_metadata.items() if hasattr(v, "properties")}
+    # Names in the order the generator yields them, with their dtypes, so that every shard's
+    # safetensors header can be written before its data and tensors streamed one group at a time.
+    order = [(hf, dtypes[key]) for key, hf in global_nonlayer_keys(bb).items()]
+    for layer in range(bb.num_layers):
+        for short, parts in LAYER_KEYS.items():
+            order += [(f"model.layers.{layer}.{p}", dtypes[DEC + short]) for p in parts]
+    shards, size = [[]], 0
+    for name, dt in order:
+        n = torch.Size(expected[name]).numel() * torch.tensor([], dtype=dt).element_size()
+        if shards[-1] and size + n > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dt, n))
         size += n
-        total += n
-    flush()
-    # Final names as the hub writes them: model-0000k-of-0000n.safetensors + index.
-    renamed = {f: f"model-{i + 1:05d}-of-{len(files):05d}.safetensors" for i, f in enumerate(files)}
-    for a, b in renamed.items():
-        os.rename(os.path.join(tmp, a), os.path.join(tmp, b))
+    files = [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+    weight_map = {name: files[i] for i, sh in enumerate(shards) for name, _, _ in sh}
+    gen = iter_hf_from_global(reader.get, bb)
+    total = 0
+    for fname, sh in zip(files, shards):
+        header, off = {"__metadata__": {"format": "pt"}}, 0
+        for name, dt, n in sh:
+            header[name] = {"dtype": _ST_DTYPE[dt], "shape": list(expected[name]), "data_offsets": [off, off + n]}
+            off += n
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        hb += b" " * (-len(hb) % 8)
+        with open(os.path.join(tmp, fname), "wb") as f:
+            f.write(len(hb).to_bytes(8, "little"))
+            f.write(hb)
+            for name, dt, n in sh:
+                got, t = next(gen)
+                if got != name or tuple(t.shape) != tuple(expected[name]) or t.dtype != dt:
+                    raise CheckpointError(f"{ckpt_dir}: {got} has shape {tuple(t.shape)} {t.dtype}, config.json "
+                                          f"expects {name} {tuple(expected[name])} {dt}")
+                f.write(memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy()))  # no extra copy
+                total += n
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
-        json.dump({"metadata": {"total_size": total}, "weight_map": {k: renamed[v] for k, v in weight_map.items()}},
-                  f, indent=2)
+        json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     if os.path.exists(out_dir):
         raise CheckpointError(f"{out_dir} exists")
     os.rename(tmp, out_dir)
