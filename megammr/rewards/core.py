@@ -136,6 +136,54 @@ def _plain_equal(gold: str, pred: str) -> bool:
     return bool(g) and g == p
 
 
+MAX_DIGITS = 1e5  # a number with more digits than this is never an answer worth computing
+
+
+def _log10_mag(e) -> Optional[float]:
+    """log10 of |e| for a numeric sympy tree, estimated without evaluating it (inf when the
+    exponent alone overflows a float); None when e is not a plain number."""
+    import math
+    try:
+        if e.is_Integer:
+            return e.p.bit_length() * 0.30103
+        if e.is_Rational:
+            return e.p.bit_length() * 0.30103 - e.q.bit_length() * 0.30103
+        if e.is_Float:
+            return 0.0 if e == 0 else math.log10(abs(float(e))) if abs(float(e)) != float("inf") else float("inf")
+        if e.is_Pow:
+            lb, lx = _log10_mag(e.args[0]), _log10_mag(e.args[1])
+            if lb is None or lx is None:
+                return None
+            if lx > 300:
+                return float("inf")
+            return abs(lb) * 10 ** lx
+        if e.is_Mul or e.is_Add:
+            parts = [_log10_mag(a) for a in e.args]
+            return None if any(p is None for p in parts) else (sum(parts) if e.is_Mul else max(parts) + 1)
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return None
+    return None
+
+
+def _too_big(parsed: list) -> bool:
+    """True when a parsed answer holds a power tower or factorial whose value has more than
+    MAX_DIGITS digits (10^{10^{10^{10}}}): comparing it would compute it, which never ends."""
+    import sympy
+    for obj in parsed:
+        if not isinstance(obj, sympy.Basic):
+            continue
+        for node in sympy.preorder_traversal(obj):
+            if getattr(node, "is_Pow", False):
+                mag = _log10_mag(node)
+                if mag is not None and mag > MAX_DIGITS:
+                    return True
+            elif isinstance(node, (sympy.factorial, sympy.factorial2, sympy.gamma)):
+                mag = _log10_mag(node.args[0])
+                if mag is not None and mag > 4:  # 10^4! already has 35,660 digits
+                    return True
+    return False
+
+
 def math_equal(gold: str, pred: str, pred_boxed: bool = True) -> bool:
     """math-verify equivalence of two answer strings (gold first: verify is not symmetric)."""
     if _plain_equal(gold, pred):
@@ -148,7 +196,7 @@ def math_equal(gold: str, pred: str, pred_boxed: bool = True) -> bool:
     from math_verify import verify
     g = _parsed(gold, from_boxed=not _looks_like_prose(gold))
     p = _parsed(pred, from_boxed=pred_boxed)
-    if not g or not p:
+    if not g or not p or _too_big(p) or _too_big(g):
         return False
     return bool(verify(g, p, timeout_seconds=None))
 

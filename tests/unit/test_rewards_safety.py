@@ -130,6 +130,9 @@ def test_hostile_inputs_finish_within_timeout(pool, tmp_path):
         if r.status != "ok":
             assert r.reward == 0.0
     assert res[2].status == "ok" and res[2].reward == 1.5  # a long response can still be right
+    # power towers are recognised without being computed: scored 0 at once, no timeout
+    towers = [i for i, h in enumerate(hostile) if isinstance(h, str) and ("10^{10^" in h or "9^9^" in h)]
+    assert towers and all(res[i].status == "ok" and res[i].latency_s < 1.0 for i in towers)
     assert wall < 30
     assert not marker.exists()
     # the pool still verifies normally afterwards
