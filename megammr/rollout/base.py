@@ -1,0 +1,55 @@
+"""The rollout-engine protocol: `generate(prompts, n, sampling) -> rollouts`, plain dataclasses.
+
+Engines (transformers on CPU here; vLLM on GPU with the trainer) take rendered chat prompts
+(one <|image_pad|> per image, as megammr.data.prompts renders them) plus PIL images, and return
+one Rollout per (prompt, sample) in prompt-major order: rollouts[i * n + j] is sample j of
+prompt i. Token ids and per-token log-probs come back with the text because the trainer needs
+them (old-policy log-probs, truncated importance sampling against the engine).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+
+
+@dataclass
+class SamplingParams:
+    temperature: float            # 0 means greedy decoding
+    top_p: float
+    top_k: int                    # -1 disables
+    max_new_tokens: int
+    seed: Optional[int] = None    # seeds the engine's sampler for this call when set
+
+    @classmethod
+    def from_config(cls, cfg, seed: Optional[int] = None, **overrides) -> "SamplingParams":
+        """From a recipe's RolloutConfig (the only place sampling defaults live)."""
+        kw = dict(temperature=cfg.temperature, top_p=cfg.top_p, top_k=cfg.top_k,
+                  max_new_tokens=cfg.max_new_tokens, seed=seed)
+        kw.update(overrides)
+        return cls(**kw)
+
+
+@dataclass
+class RolloutPrompt:
+    """What an engine needs of a prompt. megammr.data.prompts.Prompt has the same two fields and
+    can be passed directly."""
+    text: str                                        # rendered chat ending in the assistant header
+    images: list = field(default_factory=list)       # PIL images, in placeholder order
+
+
+@dataclass
+class Rollout:
+    prompt_index: int
+    sample_index: int
+    text: str                     # the response, special tokens removed
+    token_ids: list[int]          # response tokens, the stop token included when generation stopped
+    logprobs: list[float]         # log p(token) under the model's raw distribution (temperature 1,
+                                  # no top-k/top-p), one per token id: what the trainer recomputes
+    finish_reason: str            # "stop" (an end-of-turn token) or "length" (max_new_tokens reached)
+    prompt_token_ids: list[int] = field(default_factory=list, repr=False)  # image pads expanded
+
+
+@runtime_checkable
+class RolloutEngine(Protocol):
+    def generate(self, prompts: Sequence[Any], n: int, sampling: SamplingParams) -> list[Rollout]:
+        ...
