@@ -36,6 +36,8 @@ class RewardItem:
     response: Any                 # str, or bytes that may be invalid UTF-8
     answer: Any                   # gold: str/number; for multiple choice a letter or an option text
     choices: Any = None           # None, [option texts] (lettered A, B, ...) or {letter: text}
+    precision: Optional[int] = None  # numeric answers: round the prediction to this many decimals
+                                     # first (MathVista's convention for float answers)
 
 
 @dataclass
@@ -223,7 +225,8 @@ def _brace_depth(s: str) -> int:
     return peak
 
 
-def accuracy(response: str, gold: str, options: list, w: Weights) -> tuple[float, Optional[str]]:
+def accuracy(response: str, gold: str, options: list, w: Weights,
+             precision: Optional[int] = None) -> tuple[float, Optional[str]]:
     pred, from_boxed = ex.extract_answer(response, w.require_answer_tag)
     if pred is None:
         return 0.0, None
@@ -247,7 +250,18 @@ def accuracy(response: str, gold: str, options: list, w: Weights) -> tuple[float
                     if text.strip() and math_equal(ex.strip_option_prefix(text), pred, from_boxed)]
             pl = hits[0] if len(hits) == 1 else None
         return (1.0 if pl == gl else 0.0), shown
+    if precision is not None and _round_equal(gold, pred, precision):
+        return 1.0, shown
     return (1.0 if math_equal(gold, pred, from_boxed) else 0.0), shown
+
+
+def _round_equal(gold: str, pred: str, precision: int) -> bool:
+    """Both plain numbers (units stripped) and equal after rounding to `precision` decimals."""
+    try:
+        g, p = float(_strip_unit(gold).replace(",", "")), float(_strip_unit(pred).strip("$ ").replace(",", ""))
+    except ValueError:
+        return False
+    return round(g, precision) == round(p, precision)
 
 
 def score_item(item: RewardItem, w: Weights) -> RewardResult:
@@ -256,6 +270,6 @@ def score_item(item: RewardItem, w: Weights) -> RewardResult:
     gold = _clean(ex.to_text(item.answer)).strip()
     options = ex.option_list(item.choices)
     fmt = 1.0 if ex.format_ok(response, w.require_think) else 0.0
-    acc, shown = accuracy(response, gold, options, w) if gold else (0.0, None)
+    acc, shown = accuracy(response, gold, options, w, item.precision) if gold else (0.0, None)
     return RewardResult(format=fmt, accuracy=acc, reward=w.format_weight * fmt + w.accuracy_weight * acc,
                         extracted=shown)

@@ -115,7 +115,7 @@ def extract_answer(response: str, require_tag: bool = True) -> tuple[Optional[st
 _LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 _TEXT_WRAP = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}$")
 _LONE_LETTER = re.compile(r"^\(?\s*([A-Za-z])\s*\)?\s*[.:]?$")
-_LEADING_LETTER = re.compile(r"^\(?([A-Z])(?:\)|\.|:|\s*\))\s+\S")
+_LEADING_LETTER = re.compile(r"^\(?([A-Z])(?:\)|\.|:|\s*\))\s*\S")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 _ANSWER_IS = re.compile(r"(?i:answer|option|choice)(?:\s+is)?\s*[:：]?\s*\(?([A-Z])\)?(?![A-Za-z])")
 
