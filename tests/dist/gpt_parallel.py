@@ -39,7 +39,7 @@ def main():
     from megatron.core.pipeline_parallel import get_forward_backward_func
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    vocab, seq, mbs, nmb = 96, 16, 2, 4
+    vocab, seq, rows, nmb = 96, 16, 4, 4  # rows: sequences per micro-batch over all DP ranks
     cfg = TransformerConfig(
         num_layers=4, hidden_size=64, ffn_hidden_size=128, num_attention_heads=4, num_query_groups=2,
         normalization="RMSNorm", gated_linear_unit=True, activation_func=torch.nn.functional.silu,
@@ -65,10 +65,11 @@ def main():
     cfg.finalize_model_grads_func = finalize_model_grads
     cfg.no_sync_func = ddp.no_sync
 
-    # The same global batch on every layout; each DP rank takes its slice.
+    # The same global batch on every layout; each DP rank takes its slice of every micro-batch.
     g = torch.Generator().manual_seed(0)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
-    tokens = torch.randint(0, vocab, (nmb, mbs * dp, seq + 1), generator=g)
+    mbs = rows // dp
+    tokens = torch.randint(0, vocab, (nmb, rows, seq + 1), generator=g)
     batches = [dict(tokens=t[dp_rank * mbs:(dp_rank + 1) * mbs, :-1], labels=t[dp_rank * mbs:(dp_rank + 1) * mbs, 1:])
                for t in tokens]
     pos = torch.arange(seq).expand(mbs, seq)
