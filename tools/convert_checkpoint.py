@@ -30,6 +30,12 @@ def _free_port():
 
 
 def check(hf, ckpt, tp, pp, tol):
+    # The workers run from the repository root: hand them absolute paths.
+    hf, ckpt = os.path.abspath(hf), os.path.abspath(ckpt)
+    for what, path in (("--hf", hf), ("--ckpt", ckpt)):
+        if not os.path.isdir(path):
+            print(f"check: {what} {path} is not a directory", file=sys.stderr)
+            return 2
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore",
