@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from megammr.config import DataConfig  # pixel limits: defaults live in the recipe schema only
 from megammr.data.images import MERGE_SIZE, preprocess_images
 from megammr.data.schema import choice_letter
 
@@ -127,7 +128,8 @@ class Prompt:
 
 def encode_prompt(question: str, *, style: str, images: Sequence[Image.Image] = (), caption: Optional[str] = None,
                   choices: Optional[Sequence[str]] = None, system_prompt: Optional[str] = None, tokenizer=None,
-                  min_pixels: int = 3136, max_pixels: int = 1003520, merge_size: int = MERGE_SIZE) -> Prompt:
+                  min_pixels: int = DataConfig.min_pixels, max_pixels: int = DataConfig.max_pixels,
+                  merge_size: int = MERGE_SIZE) -> Prompt:
     """Build, render, preprocess images and (with a tokenizer) tokenise one prompt.
 
     Style 'text' drops any image: phase 1 is text-only by definition.
