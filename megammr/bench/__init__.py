@@ -18,11 +18,7 @@ def add_arguments(p: argparse.ArgumentParser):
     sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     for name, help_ in TARGETS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        try:
-            importlib.import_module(f"megammr.bench.{name}").add_arguments(sp)
-        except ModuleNotFoundError as e:
-            if e.name != f"megammr.bench.{name}":
-                raise
+        importlib.import_module(f"megammr.bench.{name}").add_arguments(sp)
 
 
 def run(args) -> int:
