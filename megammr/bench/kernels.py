@@ -31,12 +31,32 @@ CPU_VARIANTS = ("naive", "ours", "ours-oop")
 LOSS_CFG = dict(clip_low=0.2, clip_high=0.28, kl_coef=1e-3, kl_estimator="k3", entropy_coef=1e-3)
 
 
+def _positive_int(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
+    return n
+
+
+def _variants(text: str) -> str:
+    names = [v for v in text.split(",") if v]
+    unknown = [v for v in names if v not in CPU_VARIANTS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown variant(s) {', '.join(unknown) or repr(text)}; "
+                                         f"choose from {', '.join(CPU_VARIANTS)}")
+    return ",".join(names)
+
+
 def add_arguments(p: argparse.ArgumentParser):
-    p.add_argument("--tokens", "-T", type=int, default=4096, help="tokens T of the CPU memory benchmark")
-    p.add_argument("--vocab", "-V", type=int, default=151936, help="vocabulary size V")
-    p.add_argument("--variants", default=",".join(CPU_VARIANTS), help="CPU variants, comma separated")
-    p.add_argument("--gpu-tokens", type=int, default=16384, help="T of the GPU benchmark")
-    p.add_argument("--hidden", type=int, default=2048, help="H of the GPU from-hidden benchmark")
+    p.add_argument("--tokens", "-T", type=_positive_int, default=4096, help="tokens T of the CPU memory benchmark")
+    p.add_argument("--vocab", "-V", type=_positive_int, default=151936, help="vocabulary size V")
+    p.add_argument("--variants", type=_variants, default=",".join(CPU_VARIANTS),
+                   help=f"CPU variants, comma separated (of {', '.join(CPU_VARIANTS)})")
+    p.add_argument("--gpu-tokens", type=_positive_int, default=16384, help="T of the GPU benchmark")
+    p.add_argument("--hidden", type=_positive_int, default=2048, help="H of the GPU from-hidden benchmark")
     p.add_argument("--skip-cpu", action="store_true", help="only the GPU part")
     p.add_argument("--json", default=None, help="also write all figures to this JSON file")
 
@@ -114,7 +134,7 @@ def run_cpu(args) -> dict:
     T, V = args.tokens, args.vocab
     variants = [v for v in args.variants.split(",") if v]
     input_bytes = T * V * 4
-    rows, results = [], {}
+    rows, results, failed = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             path = os.path.join(tmp, f"{v}.pt")
@@ -122,6 +142,7 @@ def run_cpu(args) -> dict:
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 print(f"{v}: child failed (rc={p.returncode}):\n{p.stderr[-3000:]}", file=sys.stderr)
+                failed.append(v)
                 continue
             results[v] = torch.load(path)
     if "naive" not in results:
@@ -143,7 +164,7 @@ def run_cpu(args) -> dict:
     for r in rows:
         print(f"{r['variant']:10s} {r['extra_gib']:10.3f} {r['extra_over_logits']:9.2f} "
               f"{r.get('ratio_vs_naive', float('nan')):11.1f} {r.get('rel_err', float('nan')):12.2e} {r['seconds']:7.1f}")
-    return dict(T=T, V=V, dtype="fp32", rows=rows, machine=_machine())
+    return dict(T=T, V=V, dtype="fp32", rows=rows, failed=failed, machine=_machine())
 
 
 # --------------------------------------------------------------------------- GPU timing
@@ -295,6 +316,11 @@ def _machine():
 
 
 def run(args) -> int:
+    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+        # Checked before minutes of benchmarking, not after.
+        print(f"megammr bench kernels: error: --json {args.json}: directory "
+              f"{os.path.dirname(os.path.abspath(args.json))} does not exist", file=sys.stderr)
+        return 2
     out = {}
     if not args.skip_cpu:
         out["cpu"] = run_cpu(args)
@@ -306,7 +332,8 @@ def run(args) -> int:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
     bad = [r for r in out.get("cpu", {}).get("rows", []) if not r.get("rel_err", 0.0) < 1e-4]
-    return 1 if bad else 0
+    # A variant whose process failed (naive OOM-killed, say) is a failed benchmark, not a pass.
+    return 1 if bad or out.get("cpu", {}).get("failed") else 0
 
 
 if __name__ == "__main__":

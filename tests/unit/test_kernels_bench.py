@@ -18,3 +18,33 @@ def test_bench_kernels_small(tmp_path):
     for r in rows.values():
         assert r["rel_err"] < 1e-4 and r["extra_gib"] > 0
     assert "extra peak memory above inputs" in p.stdout
+
+
+def test_bench_kernels_rejects_bad_options(capsys, tmp_path):
+    import pytest
+
+    from megammr.cli import main
+    for argv, needle in ((["-T", "0"], "positive integer"), (["-V", "-3"], "positive integer"),
+                         (["--variants", "naive,oops"], "unknown variant(s) oops")):
+        with pytest.raises(SystemExit) as e:
+            main(["bench", "kernels", *argv])
+        assert e.value.code == 2
+        assert needle in capsys.readouterr().err
+    # --json into a missing directory fails before any benchmarking, not after it.
+    assert main(["bench", "kernels", "--json", str(tmp_path / "missing" / "k.json")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_bench_kernels_failed_variant_fails_the_run(monkeypatch, capsys):
+    import argparse
+
+    import megammr.bench.kernels as bk
+
+    def fail(cmd, **kw):
+        return subprocess.CompletedProcess(cmd, 137, "", "Killed")
+
+    monkeypatch.setattr(bk.subprocess, "run", fail)
+    monkeypatch.setattr(bk.torch.cuda, "is_available", lambda: False)
+    args = argparse.Namespace(tokens=8, vocab=16, variants="naive,ours", skip_cpu=False, json=None)
+    assert bk.run(args) == 1
+    assert "child failed" in capsys.readouterr().err
