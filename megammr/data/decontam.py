@@ -60,6 +60,8 @@ def _eval_questions(path: str):
     """Questions of an evaluation JSONL (first of the keys question/problem/query/prompt)."""
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
+            if n == 1 and line.startswith(b"\xef\xbb\xbf"):
+                line = line[3:]  # a UTF-8 byte-order mark
             if not line.strip():
                 continue
             try:

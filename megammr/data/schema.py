@@ -92,6 +92,9 @@ class RawRow:
     error: Optional[RecordError] = None
 
 
+_BOM = b"\xef\xbb\xbf"
+
+
 def read_rows(path: str) -> Iterator[RawRow]:
     """Rows of a .jsonl or .parquet file; undecodable lines come back with `.error` set."""
     if path.endswith(".parquet"):
@@ -100,6 +103,8 @@ def read_rows(path: str) -> Iterator[RawRow]:
     with open(path, "rb") as f:
         for n, line in enumerate(f, 1):
             body = line.rstrip(b"\r\n")
+            if n == 1 and body.startswith(_BOM):
+                body = body[len(_BOM):]  # editors on Windows start UTF-8 files with a BOM
             if not body.strip():
                 continue  # blank lines (often a trailing one) are not records
             try:

@@ -47,7 +47,7 @@ def _load_file(path: str) -> list[tuple[str, dict]]:
             raise EvalDataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None
         rows = pq.read_table(path).to_pylist()
         return [(str(i), r) for i, r in enumerate(rows)]
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a leading byte-order mark is dropped
         if path.endswith(".jsonl"):
             out = []
             for i, line in enumerate(f, 1):

@@ -62,6 +62,8 @@ def _lines(path: str):
     try:
         for i, raw in enumerate(f, 1):
             raw = raw.rstrip(b"\r\n")
+            if i == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a UTF-8 byte-order mark (Windows editors) is not part of the JSON
             if raw.strip():
                 yield i, raw
     finally:

@@ -1,0 +1,36 @@
+"""Inputs a user hits on day one: byte-order marks, reused output paths, interrupted builds,
+parquet images in the caption tool, bad eval arguments (regression tests)."""
+import json
+import os
+
+from megammr.data.shards import build_shards
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _p1(i):
+    return json.dumps({"id": f"q{i}", "question": f"What is {i} + {i}?", "answer": str(2 * i)})
+
+
+def test_utf8_bom_is_not_an_invalid_first_line(tmp_path):
+    src = tmp_path / "bom.jsonl"
+    src.write_bytes(BOM + ("\r\n".join(_p1(i) for i in range(3)) + "\r\n").encode())
+    s = build_shards([str(src)], 1, str(tmp_path / "out"), progress=False)
+    assert s.written == 3 and not s.skipped
+
+    from megammr.rewards.score_cli import _lines, _parse_line
+    line = BOM + json.dumps({"response": "<think>a</think><answer>1</answer>", "answer": "1"}).encode()
+    (tmp_path / "s.jsonl").write_bytes(line + b"\n")
+    [(n, raw)] = list(_lines(str(tmp_path / "s.jsonl")))
+    assert _parse_line(n, raw)[2] is None
+
+    from megammr.eval.readers import load_benchmark
+    rec = {"pid": "1", "question": "q?", "answer": "3", "question_type": "free_form", "answer_type": "integer"}
+    (tmp_path / "mv.json").write_bytes(BOM + json.dumps({"1": rec}).encode())
+    (tmp_path / "mv.jsonl").write_bytes(BOM + json.dumps(rec).encode() + b"\n")
+    assert [x.answer for x in load_benchmark("mathvista", str(tmp_path / "mv.json"))] == ["3"]
+    assert [x.answer for x in load_benchmark("mathvista", str(tmp_path / "mv.jsonl"))] == ["3"]
+
+    from megammr.data.decontam import Decontaminator
+    (tmp_path / "eval.jsonl").write_bytes(BOM + json.dumps({"question": "What is 1 + 1?"}).encode() + b"\n")
+    assert Decontaminator([str(tmp_path / "eval.jsonl")]).match("what is 1+1") is not None
