@@ -23,7 +23,7 @@ from typing import Callable, Optional
 import torch
 
 from megammr.models.backbones import Backbone
-from megammr.models.mapping import (DEC, LAYER_KEYS, CheckpointError, HFReader, global_nonlayer_keys,
+from megammr.models.mapping import (DEC, LAYER_KEYS, LM, CheckpointError, HFReader, global_nonlayer_keys,
                                     hf_layer_to_global, iter_hf_from_global, normalize_hf_name)
 
 HF_META_DIR = "hf"
@@ -80,11 +80,15 @@ def _plan_items(bb: Backbone, reader: HFReader):
 
 
 def _dtype(reader: HFReader, name: str, cache: dict) -> torch.dtype:
-    from safetensors import safe_open
     fname = reader.files[name]
-    with safe_open(os.path.join(reader.path, fname), "pt") as f:
+    with reader._open(fname) as f:
         raw = reader._raw.setdefault(fname, {normalize_hf_name(k): k for k in f.keys()})
-        return {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}[f.get_slice(raw[name]).get_dtype()]
+        st = f.get_slice(raw[name]).get_dtype()
+    dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(st)
+    if dt is None:
+        raise CheckpointError(f"{reader.path}/{fname}: tensor {name} has dtype {st}; only F32, BF16 and F16 "
+                              "are supported")
+    return dt
 
 
 def _none_bytes():
@@ -100,6 +104,10 @@ def hf_to_mcore(hf_dir: str, out_dir: str) -> dict:
     from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
     from torch.distributed.checkpoint.planner import SavePlan
 
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise CheckpointError(f"--out {out_dir} exists and is not a directory")
+    if os.path.exists(out_dir) and os.listdir(out_dir):
+        raise CheckpointError(f"{out_dir} exists and is not empty")
     reader = HFReader(hf_dir)
     reader.validate()  # shape errors before anything is written
     bb = reader.backbone
@@ -114,19 +122,22 @@ def hf_to_mcore(hf_dir: str, out_dir: str) -> dict:
         def resolve_data(self, write_item):
             return producers[(write_item.index.fqn, write_item.index.offset)]()
 
-    if os.path.exists(out_dir) and os.listdir(out_dir):
-        raise CheckpointError(f"{out_dir} exists and is not empty")
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    # one file per chunk: the writer keeps a reference to every tensor of a file until it is closed
-    writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False, thread_count=1, sync_files=True)
-    dcp.save({}, storage_writer=writer, planner=LazyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=True)
-    torch.save({}, os.path.join(tmp, "common.pt"))
-    with open(os.path.join(tmp, "metadata.json"), "w") as f:
-        json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
-                   "common_backend": "torch", "common_backend_version": 1}, f)
-    copy_hf_meta(hf_dir, os.path.join(tmp, HF_META_DIR))
+    try:
+        # one file per chunk: the writer keeps a reference to every tensor of a file until it is closed
+        writer = dcp.FileSystemWriter(tmp, single_file_per_rank=False, thread_count=1, sync_files=True)
+        dcp.save({}, storage_writer=writer,
+                 planner=LazyPlanner(flatten_state_dict=False, flatten_sharded_tensors=False), no_dist=True)
+        torch.save({}, os.path.join(tmp, "common.pt"))
+        with open(os.path.join(tmp, "metadata.json"), "w") as f:
+            json.dump({"sharded_backend": "torch_dist", "sharded_backend_version": 1,
+                       "common_backend": "torch", "common_backend_version": 1}, f)
+        copy_hf_meta(hf_dir, os.path.join(tmp, HF_META_DIR))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed conversion leaves nothing behind
+        raise
     if os.path.exists(out_dir):
         os.rmdir(out_dir)
     os.rename(tmp, out_dir)
@@ -139,6 +150,9 @@ class McoreReader:
 
     def __init__(self, ckpt_dir: str):
         from torch.distributed.checkpoint import FileSystemReader
+        if not os.path.isdir(ckpt_dir):
+            raise CheckpointError(f"{ckpt_dir}: not a directory" if os.path.exists(ckpt_dir)
+                                  else f"{ckpt_dir}: no such directory")
         if not os.path.exists(os.path.join(ckpt_dir, ".metadata")):
             raise CheckpointError(f"{ckpt_dir}: not a torch_dist checkpoint (no .metadata)")
         self.dir = ckpt_dir
@@ -190,22 +204,58 @@ class McoreReader:
 def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_meta_dir: Optional[str] = None,
                 max_shard_bytes: int = 512 * 2**20) -> dict:
     """Write HF safetensors (+ config, tokenizer, processor) from a torch_dist checkpoint."""
+    reader = McoreReader(ckpt_dir)
+    if os.path.exists(out_dir):
+        raise CheckpointError(f"{out_dir} exists")
     meta = hf_meta_dir or os.path.join(ckpt_dir, HF_META_DIR)
     if not os.path.exists(os.path.join(meta, "config.json")):
         raise CheckpointError(f"no config.json in {meta}: pass --hf-config DIR (the HF directory the model came from)")
     with open(os.path.join(meta, "config.json")) as f:
         bb = Backbone.from_hf_config(json.load(f))
-    reader = McoreReader(ckpt_dir)
-    # Shapes must match the config before anything is written.
-    for key in global_nonlayer_keys(bb):
-        if key not in reader.md.state_dict_metadata:
-            raise CheckpointError(f"{ckpt_dir}: tensor {key} missing from the checkpoint")
+    from megammr.models.mapping import hf_shapes
+    expected = hf_shapes(bb)
+    _check_against_config(reader, bb, expected, os.path.join(meta, "config.json"))
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
+    try:
+        total, files = _write_hf(reader, bb, expected, meta, tmp, ckpt_dir, max_shard_bytes)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves nothing behind
+        raise
+    os.rename(tmp, out_dir)
+    return {"files": len(files), "bytes": total}
+
+
+def _check_against_config(reader: McoreReader, bb: Backbone, expected: dict, cfg_path: str) -> None:
+    """Every tensor config.json needs is in the checkpoint with its shape, and nothing else of the model.
+
+    Before anything is written: a checkpoint of another backbone (other depth or width, untied
+    lm_head under a tied config) otherwise exports a truncated model without a word.
+    """
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+    want = {key: tuple(expected[hf]) for key, hf in global_nonlayer_keys(bb).items()}
+    for short, parts in LAYER_KEYS.items():
+        shapes = [expected[f"model.layers.0.{p}"] for p in parts]
+        want[DEC + short] = (bb.num_layers, sum(s[0] for s in shapes), *shapes[0][1:])
+    have = {k: tuple(m.size) for k, m in reader.md.state_dict_metadata.items()
+            if isinstance(m, TensorStorageMetadata)}
+    for key, shape in want.items():
+        if key not in have:
+            raise CheckpointError(f"{reader.dir}: tensor {key} missing from the checkpoint "
+                                  f"(needed by {cfg_path})")
+        if have[key] != shape:
+            what = " (leading axis = decoder layers)" if key.startswith(DEC) else ""
+            raise CheckpointError(f"{reader.dir}: tensor {key} has shape {have[key]}, {cfg_path} expects "
+                                  f"{shape}{what}: a checkpoint of a different model?")
+    unused = [k for k in have if k.startswith((LM, "vision_model.")) and k not in want]
+    if unused:
+        raise CheckpointError(f"{reader.dir}: {len(unused)} tensors that {cfg_path} has no place for, e.g. "
+                              f"{unused[:3]}: a checkpoint of a different model?")
+
+
+def _write_hf(reader, bb, expected, meta, tmp, ckpt_dir, max_shard_bytes):
     copy_hf_meta(meta, tmp)
-    from megammr.models.mapping import hf_shapes
-    expected = hf_shapes(bb)
     dtypes = {k: v.properties.dtype for k, v in reader.md.state_dict_metadata.items() if hasattr(v, "properties")}
     # Names in the order the generator yields them, with their dtypes, so that every shard's
     # safetensors header can be written before its data and tensors streamed one group at a time.
@@ -213,6 +263,9 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_meta_dir: Optional[str] = None,
     for layer in range(bb.num_layers):
         for short, parts in LAYER_KEYS.items():
             order += [(f"model.layers.{layer}.{p}", dtypes[DEC + short]) for p in parts]
+    bad = next(((n, d) for n, d in order if d not in _ST_DTYPE), None)
+    if bad:
+        raise CheckpointError(f"{ckpt_dir}: {bad[0]} is {bad[1]}; only float32, bfloat16 and float16 export")
     shards, size = [[]], 0
     for name, dt in order:
         n = torch.Size(expected[name]).numel() * torch.tensor([], dtype=dt).element_size()
@@ -244,10 +297,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_meta_dir: Optional[str] = None,
                 total += n
     with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
-    if os.path.exists(out_dir):
-        raise CheckpointError(f"{out_dir} exists")
-    os.rename(tmp, out_dir)
-    return {"files": len(files), "bytes": total}
+    return total, files
 
 
 __all__ = ["HF_META_DIR", "McoreReader", "copy_hf_meta", "hf_to_mcore", "mcore_to_hf"]

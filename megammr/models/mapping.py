@@ -71,6 +71,8 @@ class HFReader:
 
     def __init__(self, path: str, bb: Optional[Backbone] = None):
         self.path = path
+        if not os.path.isdir(path):
+            raise CheckpointError(f"{path}: not a directory" if os.path.exists(path) else f"{path}: no such directory")
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise CheckpointError(f"{path}: no config.json")
@@ -87,8 +89,7 @@ class HFReader:
                     raise CheckpointError(f"{path}: missing shard {fname} (listed in model.safetensors.index.json "
                                           f"for e.g. {next(k for k, v in wm.items() if v == fname)})")
         elif os.path.exists(os.path.join(path, "model.safetensors")):
-            from safetensors import safe_open
-            with safe_open(os.path.join(path, "model.safetensors"), "pt") as f:
+            with self._open("model.safetensors") as f:
                 self.files = {normalize_hf_name(k): "model.safetensors" for k in f.keys()}
         else:
             raise CheckpointError(f"{path}: neither model.safetensors nor model.safetensors.index.json")
@@ -97,31 +98,56 @@ class HFReader:
         missing = [k for k in self.expected if k not in self.files]
         if missing:
             raise CheckpointError(f"{path}: {len(missing)} tensors missing, e.g. {missing[:3]}")
+        # A tensor config.json has no place for (more layers or vision blocks than the config says,
+        # an untied lm_head under tie_word_embeddings=true) would be dropped without a word.
+        # A tied checkpoint may still store lm_head.weight: validate() checks it equals the embedding.
+        unused = [k for k in self.files if k not in self.expected
+                  and not (k == "lm_head.weight" and self.backbone.tie_word_embeddings)]
+        if unused:
+            raise CheckpointError(f"{path}: {len(unused)} tensors that config.json has no place for, e.g. "
+                                  f"{unused[:3]} (config.json of a different model?)")
+
+    def _open(self, fname: str):
+        """safe_open naming the file when it is truncated or not safetensors at all."""
+        from safetensors import safe_open
+        try:
+            return safe_open(os.path.join(self.path, fname), "pt")
+        except Exception as e:  # SafetensorError, OSError
+            raise CheckpointError(f"{self.path}/{fname}: cannot read safetensors file "
+                                  f"(truncated or corrupt?): {e}") from e
 
     def validate(self) -> None:
         """Check every expected tensor's shape from the file headers (no tensor data is read)."""
-        from safetensors import safe_open
         by_file: dict[str, list[str]] = {}
         for name in self.expected:
             by_file.setdefault(self.files[name], []).append(name)
         for fname, names in sorted(by_file.items()):
-            with safe_open(os.path.join(self.path, fname), "pt") as f:
+            with self._open(fname) as f:
                 raw = self._raw.setdefault(fname, {normalize_hf_name(k): k for k in f.keys()})
                 for name in names:
+                    if name not in raw:
+                        raise CheckpointError(f"{self.path}/{fname}: tensor {name} not in the file "
+                                              "(model.safetensors.index.json says it is)")
                     shape = tuple(f.get_slice(raw[name]).get_shape())
                     if shape != tuple(self.expected[name]):
                         raise CheckpointError(f"{self.path}/{fname}: tensor {name} has shape {shape}, "
                                               f"expected {tuple(self.expected[name])} from config.json")
+        if "lm_head.weight" in self.files and self.backbone.tie_word_embeddings:
+            if not torch.equal(self.get("lm_head.weight"), self.get("model.embed_tokens.weight")):
+                raise CheckpointError(f"{self.path}: config.json says tie_word_embeddings=true but lm_head.weight "
+                                      "differs from model.embed_tokens.weight (it would be dropped)")
 
     def get(self, name: str) -> torch.Tensor:
-        from safetensors import safe_open
         fname = self.files.get(name)
         if fname is None:
             raise CheckpointError(f"{self.path}: tensor {name} not found")
-        with safe_open(os.path.join(self.path, fname), "pt") as f:
+        with self._open(fname) as f:
             keys = self._raw.get(fname)
             if keys is None:
                 keys = self._raw[fname] = {normalize_hf_name(k): k for k in f.keys()}
+            if name not in keys:
+                raise CheckpointError(f"{self.path}/{fname}: tensor {name} not in the file "
+                                      "(model.safetensors.index.json says it is)")
             t = f.get_tensor(keys[name])
         exp = self.expected.get(name)
         if exp is not None and tuple(t.shape) != tuple(exp):
