@@ -80,12 +80,33 @@ def run(args) -> int:
     except RecipeError as e:
         print(f"megammr score: {e}", file=sys.stderr)
         return 2
+    import os
     if args.input != "-":
-        import os
         if not os.path.isfile(args.input):
             print(f"megammr score: input not found: {args.input}", file=sys.stderr)
             return 2
-    out = sys.stdout if args.output == "-" else open(args.output, "w", encoding="utf-8")
+    if (args.workers is not None and args.workers < 1) or (args.timeout is not None and not args.timeout > 0):
+        print("megammr score: --workers must be >= 1 and --timeout > 0", file=sys.stderr)
+        return 2
+    tmp = None
+    if args.output == "-":
+        out = sys.stdout
+    else:
+        # Written beside the target and renamed at the end: `--output` may be the input file itself
+        # (opening it for writing first would empty it before a line is read), and an interrupted
+        # run leaves the previous output intact instead of a truncated one.
+        if os.path.isdir(args.output):
+            print(f"megammr score: --output {args.output} is a directory", file=sys.stderr)
+            return 2
+        special = os.path.exists(args.output) and not os.path.isfile(args.output)  # /dev/stdout, a FIFO
+        if not special:
+            tmp = os.path.join(os.path.dirname(os.path.abspath(args.output)),
+                               f".{os.path.basename(args.output)}.tmp-{os.getpid()}")
+        try:
+            out = open(tmp or args.output, "w", encoding="utf-8")
+        except OSError as e:
+            print(f"megammr score: cannot write {args.output}: {e.strerror or e}", file=sys.stderr)
+            return 2
     n = bad = 0
     total = 0.0
     status_counts: dict[str, int] = {}
@@ -116,9 +137,16 @@ def run(args) -> int:
                 if len(chunk) >= CHUNK:
                     flush()
             flush()
-    finally:
+    except BaseException:
         if out is not sys.stdout:
             out.close()
+        if tmp is not None:
+            os.unlink(tmp)
+        raise
+    if out is not sys.stdout:
+        out.close()
+    if tmp is not None:
+        os.replace(tmp, args.output)
     mean = total / n if n else 0.0
     print(f"scored {n} lines, mean reward {mean:.4f}, timeouts {status_counts.get('timeout', 0)}, "
           f"errors {status_counts.get('error', 0) + status_counts.get('crash', 0)} (verifier), "

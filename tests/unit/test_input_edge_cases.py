@@ -34,3 +34,29 @@ def test_utf8_bom_is_not_an_invalid_first_line(tmp_path):
     from megammr.data.decontam import Decontaminator
     (tmp_path / "eval.jsonl").write_bytes(BOM + json.dumps({"question": "What is 1 + 1?"}).encode() + b"\n")
     assert Decontaminator([str(tmp_path / "eval.jsonl")]).match("what is 1+1") is not None
+
+
+def test_score_output_may_be_the_input_and_bad_paths_are_clear(tmp_path):
+    import subprocess
+    import sys
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def score(*args):
+        return subprocess.run([sys.executable, "-m", "megammr.cli", "score", *args], cwd=tmp_path, env=env,
+                              capture_output=True, timeout=120)
+
+    f = tmp_path / "r.jsonl"
+    f.write_text("".join(json.dumps({"id": i, "response": f"<think>a</think><answer>{i}</answer>", "answer": str(i)})
+                         + "\n" for i in range(3)))
+    p = score("--input", "r.jsonl", "--output", "r.jsonl", "--workers", "1")  # relative, same file
+    assert p.returncode == 0, p.stderr.decode()
+    rows = [json.loads(x) for x in f.read_text().splitlines()]
+    assert [r["id"] for r in rows] == [0, 1, 2] and all(r["reward"] == 1.5 for r in rows)
+    assert sorted(os.listdir(tmp_path)) == ["r.jsonl"]  # no temporary file left behind
+    (tmp_path / "d").mkdir()
+    for out in ("d", "missing/x.jsonl"):
+        p = score("--input", "r.jsonl", "--output", out, "--workers", "1")
+        assert p.returncode == 2 and b"Traceback" not in p.stderr and out.encode() in p.stderr
+    p = score("--input", "r.jsonl", "--workers", "0")
+    assert p.returncode == 2 and b"--workers must be >= 1" in p.stderr
