@@ -48,6 +48,12 @@ def main(argv=None) -> int:
     except (BuildError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print("interrupted; nothing written", file=sys.stderr)
+        return 130
+    except SystemExit as e:  # SIGTERM during the build (see megammr.data.shards)
+        print("terminated; nothing written", file=sys.stderr)
+        raise e
     print(s.text())
     return 0
 

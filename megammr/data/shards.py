@@ -123,11 +123,22 @@ def build_shards(inputs: list[str], phase: int, out: str, *, skip_invalid: bool 
     if phase not in (1, 2, 3):
         raise BuildError(f"phase must be 1, 2 or 3, got {phase}")
     out = os.path.abspath(out)
-    if os.path.exists(out) and os.listdir(out) and not overwrite:
-        raise BuildError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise BuildError(f"{out} exists and is not a directory")
+    if os.path.exists(out) and os.listdir(out):
+        if not overwrite:
+            raise BuildError(f"{out} exists and is not empty (pass --overwrite to replace it)")
+        # --overwrite deletes the old directory: only ever a previous build, never a folder of
+        # inputs or anything else given by mistake.
+        if not (os.path.isfile(os.path.join(out, MANIFEST)) or os.path.isdir(os.path.join(out, ".nv-meta"))):
+            raise BuildError(f"{out} is not a shard directory (no {MANIFEST}); --overwrite only replaces a "
+                             "previous build: choose another --out or remove it yourself")
     for p in inputs:
         if not os.path.isfile(p):
             raise BuildError(f"input not found: {p}")
+    for p in list(inputs) + list(exclude):
+        if os.path.abspath(p).startswith(out + os.sep):
+            raise BuildError(f"{p} is inside the output directory {out}, which the build replaces")
     decon = None
     if exclude:
         from megammr.data.decontam import Decontaminator
@@ -137,10 +148,13 @@ def build_shards(inputs: list[str], phase: int, out: str, *, skip_invalid: bool 
     summary = BuildSummary(out=out, phase=phase)
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
-    stage = os.path.join(parent, f".{os.path.basename(out)}.building-{os.getpid()}")
+    stage_prefix = f".{os.path.basename(out)}.building-"
+    _remove_stale_stages(parent, stage_prefix)
+    stage = os.path.join(parent, f"{stage_prefix}{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
     rejected_fh = None
+    restore_sigterm = _sigterm_as_exit()
     try:
         writer = TarShardWriter(stage, shard_max_bytes, shard_max_samples)
         seen: dict[str, str] = {}
@@ -195,7 +209,44 @@ def build_shards(inputs: list[str], phase: int, out: str, *, skip_invalid: bool 
             rejected_fh.close()
         shutil.rmtree(stage, ignore_errors=True)
         raise
+    finally:
+        restore_sigterm()
     return summary
+
+
+def _sigterm_as_exit():
+    """SIGTERM (kill, Slurm, a container stop) raises SystemExit during a build so the staging
+    directory is removed like after Ctrl-C; the default action would leave it behind. Returns
+    the function that restores the previous handler."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        return lambda: None
+
+    def on_term(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, on_term)
+    return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _remove_stale_stages(parent: str, prefix: str):
+    """Staging directories of earlier builds of the same output whose process is gone (SIGKILL,
+    a crash of the machine): partial data nobody will finish."""
+    for name in os.listdir(parent):
+        if not name.startswith(prefix) or not name[len(prefix):].isdigit():
+            continue
+        pid = int(name[len(prefix):])
+        try:
+            os.kill(pid, 0)
+            if pid != os.getpid():
+                continue  # a build of the same output is running right now
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue  # alive, another user's
+        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
 
 
 def prepare_energon(path: str, tar_names: list[str], workers: int = 1):

@@ -60,3 +60,68 @@ def test_score_output_may_be_the_input_and_bad_paths_are_clear(tmp_path):
         assert p.returncode == 2 and b"Traceback" not in p.stderr and out.encode() in p.stderr
     p = score("--input", "r.jsonl", "--workers", "0")
     assert p.returncode == 2 and b"--workers must be >= 1" in p.stderr
+
+
+def test_build_out_checks_never_delete_what_is_not_a_build(tmp_path):
+    import pytest
+    from megammr.data.shards import BuildError
+    src = tmp_path / "raw" / "p1.jsonl"
+    src.parent.mkdir()
+    src.write_text("".join(_p1(i) + "\n" for i in range(3)))
+    with pytest.raises(BuildError, match="not a directory"):
+        build_shards([str(src)], 1, str(src), progress=False, overwrite=True)
+    with pytest.raises(BuildError, match="not a shard directory"):  # the input's own folder
+        build_shards([str(src)], 1, str(src.parent), progress=False, overwrite=True)
+    assert src.exists()
+    out = tmp_path / "shards"
+    build_shards([str(src)], 1, str(out), progress=False)
+    (out / "p1.jsonl").write_bytes(src.read_bytes())  # an input kept inside a previous build
+    with pytest.raises(BuildError, match="inside the output directory"):
+        build_shards([str(out / "p1.jsonl")], 1, str(out), progress=False, overwrite=True)
+    assert build_shards([str(src)], 1, str(out), progress=False, overwrite=True).written == 3
+
+
+_SLOW_BUILD = r"""
+import sys, time
+import megammr.data.shards as sh
+real = sh.validate
+def slow(*a, **k):
+    time.sleep(0.02)
+    return real(*a, **k)
+sh.validate = slow
+sys.path.insert(0, sys.argv[1])
+import build_shards
+sys.exit(build_shards.main(sys.argv[2:]))
+"""
+
+
+def test_sigterm_during_build_leaves_no_staging_and_stale_stages_go(tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    src = tmp_path / "p1.jsonl"
+    src.write_text("".join(_p1(i) + "\n" for i in range(2000)))
+    script = tmp_path / "slow.py"
+    script.write_text(_SLOW_BUILD)
+    env = dict(os.environ, PYTHONPATH=repo + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, str(script), os.path.join(repo, "tools"), "--phase", "1", "--input",
+                          str(src), "--out", str(tmp_path / "out"), "--no-progress"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    while not any(".building-" in n for n in os.listdir(tmp_path)):
+        assert time.time() < deadline and p.poll() is None, p.communicate()
+        time.sleep(0.05)
+    time.sleep(0.3)
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 143, err.decode()
+    assert sorted(os.listdir(tmp_path)) == ["p1.jsonl", "slow.py"]
+    # A staging directory left by a killed build (SIGKILL: no handler runs) is removed by the next one.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / f".out.building-{dead.pid}").mkdir()
+    (tmp_path / f".out.building-{dead.pid}" / "shard-000000.tar.part").write_bytes(b"x" * 1024)
+    assert build_shards([str(src)], 1, str(tmp_path / "out"), progress=False).written == 2000
+    assert not any(".building-" in n for n in os.listdir(tmp_path))
