@@ -36,6 +36,14 @@ def check(hf, ckpt, tp, pp, tol):
         if not os.path.isdir(path):
             print(f"check: {what} {path} is not a directory", file=sys.stderr)
             return 2
+    # Layout and checkpoint/config agreement are checked here, not in N*M workers whose errors
+    # would drown in torchrun's output.
+    from megammr.models.convert import McoreReader, check_against_config
+    from megammr.models.mapping import HFReader, hf_shapes
+    from megammr.models.vlm import check_parallel_layout
+    bb = HFReader(hf).backbone
+    check_parallel_layout(bb, tp, pp)
+    check_against_config(McoreReader(ckpt), bb, hf_shapes(bb), os.path.join(hf, "config.json"))
     with tempfile.TemporaryDirectory() as d:
         out = os.path.join(d, "result.json")
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONWARNINGS="ignore",
@@ -70,8 +78,8 @@ def main(argv=None):
     c = sub.add_parser("check", help="logit parity of CKPT (Megatron, TP x PP) against HF (transformers)")
     c.add_argument("--hf", required=True)
     c.add_argument("--ckpt", required=True)
-    c.add_argument("--tp", type=int, default=1)
-    c.add_argument("--pp", type=int, default=1)
+    c.add_argument("--tp", type=int, default=1, help="tensor-parallel size (must divide heads, kv heads, vocab)")
+    c.add_argument("--pp", type=int, default=1, help="pipeline-parallel size (must divide the decoder layers)")
     c.add_argument("--tol", type=float, default=1e-4)
     args = ap.parse_args(argv)
 

@@ -214,7 +214,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_meta_dir: Optional[str] = None,
         bb = Backbone.from_hf_config(json.load(f))
     from megammr.models.mapping import hf_shapes
     expected = hf_shapes(bb)
-    _check_against_config(reader, bb, expected, os.path.join(meta, "config.json"))
+    check_against_config(reader, bb, expected, os.path.join(meta, "config.json"))
     tmp = out_dir.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -227,7 +227,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_meta_dir: Optional[str] = None,
     return {"files": len(files), "bytes": total}
 
 
-def _check_against_config(reader: McoreReader, bb: Backbone, expected: dict, cfg_path: str) -> None:
+def check_against_config(reader: McoreReader, bb: Backbone, expected: dict, cfg_path: str) -> None:
     """Every tensor config.json needs is in the checkpoint with its shape, and nothing else of the model.
 
     Before anything is written: a checkpoint of another backbone (other depth or width, untied
@@ -300,4 +300,4 @@ def _write_hf(reader, bb, expected, meta, tmp, ckpt_dir, max_shard_bytes):
     return total, files
 
 
-__all__ = ["HF_META_DIR", "McoreReader", "copy_hf_meta", "hf_to_mcore", "mcore_to_hf"]
+__all__ = ["HF_META_DIR", "McoreReader", "check_against_config", "copy_hf_meta", "hf_to_mcore", "mcore_to_hf"]

@@ -21,19 +21,28 @@ from megammr.models.backbones import Backbone
 from megammr.models.vision import VisionTower
 
 
+def check_parallel_layout(bb: Backbone, tp: int, pp: int) -> None:
+    """ValueError unless TP x PP can split `bb` (no megatron import: callers check before launching)."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor- and pipeline-parallel sizes must be >= 1, got tp={tp} pp={pp}")
+    if bb.num_heads % tp or bb.num_kv_heads % tp:
+        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide num_heads={bb.num_heads} "
+                         f"and num_kv_heads={bb.num_kv_heads}")
+    if bb.intermediate_size % tp:
+        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide intermediate_size={bb.intermediate_size}")
+    if bb.vocab_size % tp:
+        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide vocab_size={bb.vocab_size}")
+    if bb.num_layers % pp:
+        raise ValueError(f"{bb.name}: pipeline-parallel size {pp} must divide num_layers={bb.num_layers}")
+
+
 def transformer_config(bb: Backbone, tp: int = 1, pp: int = 1, precision: str = "fp32",
                        fp8_recipe: str = "tensorwise", recompute: Optional[str] = None,
                        perform_initialization: bool = True, **overrides):
     """TransformerConfig of the decoder of `bb`."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    if bb.num_heads % tp or bb.num_kv_heads % tp:
-        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide num_heads={bb.num_heads} "
-                         f"and num_kv_heads={bb.num_kv_heads}")
-    if bb.vocab_size % tp:
-        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide vocab_size={bb.vocab_size}")
-    if bb.num_layers % pp:
-        raise ValueError(f"{bb.name}: pipeline-parallel size {pp} must divide num_layers={bb.num_layers}")
+    check_parallel_layout(bb, tp, pp)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[precision]
     kw = dict(
         num_layers=bb.num_layers, hidden_size=bb.hidden_size, ffn_hidden_size=bb.intermediate_size,
@@ -225,7 +234,8 @@ def mrope_position_ids(input_ids: torch.Tensor, bb: Backbone, image_grid_thw: Op
     return out
 
 
-__all__ = ["Qwen25VLModel", "build_from_recipe", "build_model", "layer_spec", "mrope_position_ids",
+__all__ = ["Qwen25VLModel", "build_from_recipe", "build_model", "check_parallel_layout", "layer_spec",
+           "mrope_position_ids",
            "transformer_config"]
 
 

@@ -105,3 +105,19 @@ def test_convert_cli_clear_errors_for_paths(tmp_path):
                          (("mcore-to-hf", "--ckpt", "nope", "--out", "o"), "nope: no such directory")):
         p = run(*args)
         assert p.returncode == 2 and needle in p.stderr and "Traceback" not in p.stderr, (args, p.stderr)
+
+
+def test_check_rejects_bad_layouts_and_mismatched_checkpoints_before_launching(tmp_path):
+    """tp/pp that do not divide the model, or a checkpoint of another backbone, failed inside the
+    torchrun workers (a bare AssertionError for --tp 0, otherwise buried in torchrun's output)."""
+    hf, ck = _tiny_and_ckpt(tmp_path)
+    hf_untied, _ = _tiny_and_ckpt(tmp_path, tied=False)
+    tool = os.path.join(REPO, "tools", "convert_checkpoint.py")
+    for args, needle in ((("--tp", "3"), "tensor-parallel size 3 must divide num_heads=4"),
+                         (("--tp", "0"), "must be >= 1"),
+                         (("--pp", "3"), "pipeline-parallel size 3 must divide num_layers=4"),
+                         (("--hf", hf_untied), "output_layer.weight missing from the checkpoint")):
+        argv = ["check", "--hf", hf, "--ckpt", ck, *args]
+        p = subprocess.run([sys.executable, tool, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and needle in p.stderr, (args, p.stderr[-2000:])
+        assert "torchrun" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
