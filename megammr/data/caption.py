@@ -10,6 +10,7 @@ carry a caption are copied as they are unless `recaption` is set.
 from __future__ import annotations
 
 import collections
+import hashlib
 import json
 import os
 import sys
@@ -122,8 +123,9 @@ def caption_file(input_path: str, out: str, engine, *, sampling, batch_size: int
             if rec.id in done:
                 s.already_done += 1
                 continue
-            d = dict(row.data)
-            d["images"] = [_rebase(p, in_dir, out_dir) if isinstance(p, str) else p for p in d.get("images") or []]
+            d = {k: v for k, v in row.data.items() if k == "images" or _is_plain_json(v)}
+            d["images"] = [_output_image(ref, blob, ext, rec.id, i, in_dir, out)
+                           for i, (ref, blob, ext) in enumerate(zip(d.get("images") or [], rec.images, rec.image_exts))]
             if not recaption and isinstance(d.get("caption"), str) and d["caption"].strip():
                 write(d)
                 s.kept_caption += 1
@@ -144,6 +146,29 @@ class _CaptionPrompt:
     """The two fields the rollout protocol reads (megammr.rollout.RolloutPrompt)."""
     text: str
     images: list
+
+
+def _output_image(ref, blob: bytes, ext: str, rid: str, i: int, in_dir: str, out: str) -> str:
+    """An image reference valid in the output JSONL: a path rebased next to the output, or, for
+    parquet rows that carry the image bytes, a file written beside the output (JSON has no bytes)."""
+    if isinstance(ref, dict) and not ref.get("bytes") and isinstance(ref.get("path"), str):
+        ref = ref["path"]
+    if isinstance(ref, str):
+        return _rebase(ref, in_dir, os.path.dirname(os.path.abspath(out)))
+    folder = os.path.splitext(os.path.abspath(out))[0] + "_images"
+    os.makedirs(folder, exist_ok=True)
+    name = f"{hashlib.sha256(rid.encode('utf-8')).hexdigest()[:16]}_{i}.{ext}"
+    with open(os.path.join(folder, name), "wb") as f:
+        f.write(blob)
+    return os.path.relpath(os.path.join(folder, name), os.path.dirname(os.path.abspath(out)))
+
+
+def _is_plain_json(v) -> bool:
+    try:
+        json.dumps(v)
+        return True
+    except (TypeError, ValueError):
+        return False
 
 
 def _rebase(path: str, in_dir: str, out_dir: str) -> str:

@@ -125,3 +125,41 @@ def test_sigterm_during_build_leaves_no_staging_and_stale_stages_go(tmp_path):
     (tmp_path / f".out.building-{dead.pid}" / "shard-000000.tar.part").write_bytes(b"x" * 1024)
     assert build_shards([str(src)], 1, str(tmp_path / "out"), progress=False).written == 2000
     assert not any(".building-" in n for n in os.listdir(tmp_path))
+
+
+class _CaptionEngine:
+    def generate(self, prompts, n, sampling):
+        from megammr.rollout import Rollout
+        return [Rollout(prompt_index=i, sample_index=0, text=f"a {p.images[0].size[0]}px picture", token_ids=[],
+                        logprobs=[], finish_reason="stop") for i, p in enumerate(prompts)]
+
+
+def test_caption_parquet_with_image_bytes(tmp_path):
+    import io
+    import tarfile
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from PIL import Image
+
+    from megammr.data.caption import caption_file
+    from megammr.rollout import SamplingParams
+    blobs = []
+    for i in range(3):
+        buf = io.BytesIO()
+        Image.new("RGB", (40 + i, 30), (i * 40, 0, 0)).save(buf, format="PNG")
+        blobs.append(buf.getvalue())
+    rows = [{"id": f"r/{i}", "question": "How many?", "answer": str(i), "stamp": b"\x00binary",
+             "images": [{"bytes": b, "path": f"{i}.png"}]} for i, b in enumerate(blobs)]
+    pq.write_table(pa.Table.from_pylist(rows), str(tmp_path / "in.parquet"))
+    out = tmp_path / "cap" / "out.jsonl"
+    sp = SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=8)
+    s = caption_file(str(tmp_path / "in.parquet"), str(out), _CaptionEngine(), sampling=sp, progress=False)
+    assert s.captioned == 3
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["caption"] for r in recs] == ["a 40px picture", "a 41px picture", "a 42px picture"]
+    assert all("stamp" not in r for r in recs)  # bytes have no JSON form
+    build_shards([str(out)], 2, str(tmp_path / "p2"), progress=False)
+    with tarfile.open(tmp_path / "p2" / "shard-000000.tar") as t:
+        imgs = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png")]
+    assert imgs == blobs  # images intact through caption -> shards
