@@ -29,6 +29,14 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _missing_processor_files(d):
+    """What `from_pretrained` of a Qwen2.5-VL processor needs and `d` lacks."""
+    missing = [] if os.path.exists(os.path.join(d, "preprocessor_config.json")) else ["preprocessor_config.json"]
+    if not any(os.path.exists(os.path.join(d, f)) for f in ("tokenizer.json", "vocab.json")):
+        missing.append("tokenizer.json")
+    return missing
+
+
 def check(hf, ckpt, tp, pp, tol):
     # The workers run from the repository root: hand them absolute paths.
     hf, ckpt = os.path.abspath(hf), os.path.abspath(ckpt)
@@ -36,6 +44,12 @@ def check(hf, ckpt, tp, pp, tol):
         if not os.path.isdir(path):
             print(f"check: {what} {path} is not a directory", file=sys.stderr)
             return 2
+    missing = _missing_processor_files(hf)
+    if missing:
+        print(f"check: --hf {hf} lacks {', '.join(missing)}: check tokenises a chat prompt and preprocesses "
+              "images with the HF directory's tokenizer and processor; copy them from the original model",
+              file=sys.stderr)
+        return 2
     # Layout and checkpoint/config agreement are checked here, not in N*M workers whose errors
     # would drown in torchrun's output.
     from megammr.models.convert import McoreReader, check_against_config
@@ -91,6 +105,10 @@ def main(argv=None):
         elif args.cmd == "mcore-to-hf":
             from megammr.models.convert import mcore_to_hf
             print(json.dumps(mcore_to_hf(args.ckpt, args.out, args.hf_config, args.max_shard_mb * 2**20)))
+            missing = _missing_processor_files(args.out)
+            if missing:
+                print(f"warning: {args.out} has no {', '.join(missing)} (the checkpoint carried none): "
+                      "the model loads, the processor does not; pass --hf-config DIR with them", file=sys.stderr)
         else:
             return check(args.hf, args.ckpt, args.tp, args.pp, args.tol)
     except (CheckpointError, ValueError) as e:

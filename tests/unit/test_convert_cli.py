@@ -121,3 +121,28 @@ def test_check_rejects_bad_layouts_and_mismatched_checkpoints_before_launching(t
         p = subprocess.run([sys.executable, tool, *argv], cwd=tmp_path, capture_output=True, text=True, timeout=120)
         assert p.returncode == 2 and needle in p.stderr, (args, p.stderr[-2000:])
         assert "torchrun" not in p.stderr and "Traceback" not in p.stderr, p.stderr[-2000:]
+
+
+def test_missing_tokenizer_is_named(tmp_path):
+    """An HF dir without tokenizer/processor files: check failed inside torchrun with transformers'
+    OSError; mcore-to-hf wrote a directory whose processor cannot load without a word."""
+    import shutil
+
+    from megammr.models.convert import hf_to_mcore
+    hf, _ = _tiny_and_ckpt(tmp_path)
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(hf, f), bare / f)
+    hf_to_mcore(str(bare), str(tmp_path / "ck_bare"))
+    tool = os.path.join(REPO, "tools", "convert_checkpoint.py")
+
+    def run(*args):
+        return subprocess.run([sys.executable, tool, *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+
+    p = run("check", "--hf", "bare", "--ckpt", "ck_bare")
+    assert p.returncode == 2 and "lacks preprocessor_config.json, tokenizer.json" in p.stderr, p.stderr[-2000:]
+    p = run("mcore-to-hf", "--ckpt", "ck_bare", "--out", "back")
+    assert p.returncode == 0 and "warning: back has no preprocessor_config.json" in p.stderr, p.stderr[-2000:]
+    p = run("mcore-to-hf", "--ckpt", "ck_bare", "--out", "back2", "--hf-config", hf)
+    assert p.returncode == 0 and "warning" not in p.stderr, p.stderr[-2000:]
