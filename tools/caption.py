@@ -35,6 +35,11 @@ def main(argv=None) -> int:
     if a.batch_size < 1:
         p.error("--batch-size must be >= 1")
 
+    import os
+    if not os.path.isdir(a.model):  # transformers would take it for a Hub repo id and try to download
+        p.error(f"--model {a.model}: not a directory (a local HF checkpoint is expected)")
+    if not os.path.isfile(a.input):
+        p.error(f"--input {a.input}: file not found")
     from megammr.rollout import SamplingParams, TransformersEngine  # heavy: only when captioning
     engine = TransformersEngine.from_pretrained(a.model, device=a.device, max_batch_sequences=a.batch_size)
     sampling = SamplingParams(temperature=0.0, top_p=1.0, top_k=-1, max_new_tokens=a.max_new_tokens, seed=0)

@@ -35,6 +35,15 @@ def run(args) -> int:
     from megammr.eval.runner import evaluate, format_table
     from megammr.rollout import SamplingParams, TransformersEngine
 
+    import os
+    if args.limit is not None and args.limit < 1:
+        print(f"megammr eval: --limit must be >= 1, got {args.limit}", file=sys.stderr)
+        return 2
+    if not os.path.isdir(args.model):
+        # transformers would take a missing path for a Hub repo id and try to download it
+        print(f"megammr eval: --model {args.model}: not a directory (a local HF checkpoint is expected)",
+              file=sys.stderr)
+        return 2
     try:
         recipe = load_recipe(args.recipe, args.override) if (args.recipe or args.override) else Recipe()
         samples = load_benchmark(args.bench, args.data, args.images_root, args.limit)
@@ -57,4 +66,8 @@ def run(args) -> int:
                        batch_size=args.batch_size, system_prompt=recipe.data.system_prompt)
     print(format_table(summary))
     print(f"samples: {summary['samples_file']}", file=sys.stderr)
+    if summary["n"] == 0:
+        print(f"megammr eval: none of the {summary['skipped']} sample(s) could be evaluated (images not found? "
+              "see --images-root)", file=sys.stderr)
+        return 1
     return 0

@@ -192,11 +192,11 @@ def load_benchmark(bench: str, path: str, images_root: Optional[str] = None,
                 raise EvalDataError(f"{where}: expected an object, got {type(rec).__name__}")
             if bench == "olympiadbench" and rec.get("question_type") == "Theorem proof":
                 continue  # no final answer to verify
+            if limit is not None and len(out) >= limit:
+                return out
             s = reader(rec, key, base, where)
             if bench == "olympiadbench" and os.path.isdir(path):
                 s.meta["file"] = os.path.basename(file)
             out.append(s)
-            if limit is not None and len(out) >= limit:
-                return out
     return out
 

@@ -163,3 +163,21 @@ def test_caption_parquet_with_image_bytes(tmp_path):
     with tarfile.open(tmp_path / "p2" / "shard-000000.tar") as t:
         imgs = [t.extractfile(m).read() for m in t.getmembers() if m.name.endswith(".png")]
     assert imgs == blobs  # images intact through caption -> shards
+
+
+def test_eval_arguments_limit_model_dir_and_all_images_missing(tmp_path, capsys):
+    from megammr.cli import main
+    from megammr.eval.readers import load_benchmark
+    from megammr.models.tiny import write_tiny_model
+    data = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "fixtures", "eval",
+                        "mathvista", "testmini.json")
+    assert load_benchmark("mathvista", data, limit=0) == []
+    assert len(load_benchmark("mathvista", data, limit=2)) == 2
+    base = ["eval", "--bench", "mathvista", "--data", data, "--out", str(tmp_path / "ev"), "--max-new-tokens", "2",
+            "--device", "cpu", "reward.workers=1"]
+    assert main(base + ["--model", str(tmp_path / "no-such-model")]) == 2  # not a Hub download attempt
+    assert "not a directory" in capsys.readouterr().err
+    model = write_tiny_model(str(tmp_path / "tiny"), seed=0)
+    assert main(base + ["--model", model, "--limit", "0"]) == 2
+    assert main(base + ["--model", model, "--images-root", str(tmp_path / "nowhere")]) == 1
+    assert "none of the 3 sample(s) could be evaluated" in capsys.readouterr().err
