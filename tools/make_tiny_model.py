@@ -21,6 +21,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0, help="weights seed; same seed, same files")
     ap.add_argument("--untied", action="store_true", help="separate lm_head (default: tied to the embeddings)")
     args = ap.parse_args(argv)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        ap.error(f"--out {args.out} exists and is not a directory")
     path = write_tiny_model(args.out, seed=args.seed, tie_word_embeddings=not args.untied)
     print(path)
 

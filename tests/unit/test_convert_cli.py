@@ -146,3 +146,10 @@ def test_missing_tokenizer_is_named(tmp_path):
     assert p.returncode == 0 and "warning: back has no preprocessor_config.json" in p.stderr, p.stderr[-2000:]
     p = run("mcore-to-hf", "--ckpt", "ck_bare", "--out", "back2", "--hf-config", hf)
     assert p.returncode == 0 and "warning" not in p.stderr, p.stderr[-2000:]
+
+
+def test_make_tiny_model_out_is_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    p = subprocess.run([sys.executable, os.path.join(REPO, "tools", "make_tiny_model.py"), "--out", "f"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2 and "--out f exists and is not a directory" in p.stderr and "Traceback" not in p.stderr
