@@ -55,13 +55,19 @@ def format_ok(response: str, require_think: bool = True) -> bool:
 
 
 def answer_block(response: str, require_tag: bool = True) -> Optional[str]:
-    """Text of the last complete `<answer>...</answer>` block; without one, None when the tag is
-    required, else the text after the last `</think>` (or the whole response)."""
-    start = response.rfind(ANSWER_OPEN)
-    if start >= 0:
-        end = response.find(ANSWER_CLOSE, start)
-        if end >= 0:
-            return response[start + len(ANSWER_OPEN):end]
+    """Text of the last complete `<answer>...</answer>` block outside the reasoning; without one,
+    None when the tag is required, else the text after the last `</think>` (or the whole response).
+
+    An answer block inside `<think>...</think>` (or inside a think block never closed, as in a
+    response cut at max_new_tokens) is a draft, not the final answer: it does not count."""
+    cut = response.rfind(THINK_CLOSE)
+    after = cut + len(THINK_CLOSE) if cut >= 0 else 0
+    if response.find(THINK_OPEN, after) < 0:
+        start = response.rfind(ANSWER_OPEN, after)
+        if start >= 0:
+            end = response.find(ANSWER_CLOSE, start)
+            if end >= 0:
+                return response[start + len(ANSWER_OPEN):end]
     if require_tag:
         return None
     cut = response.rfind(THINK_CLOSE)
@@ -118,6 +124,8 @@ _LONE_LETTER = re.compile(r"^\(?\s*([A-Za-z])\s*\)?\s*[.:]?$")
 _LEADING_LETTER = re.compile(r"^\(?([A-Z])(?:\)|\.|:|\s*\))\s*\S")
 _PAREN_LETTER = re.compile(r"\(([A-Z])\)")
 _ANSWER_IS = re.compile(r"(?i:answer|option|choice)(?:\s+is)?\s*[:：]?\s*\(?([A-Z])\)?(?![A-Za-z])")
+# 'the answer is A or B', 'A, B', 'A/B', 'A and B': a second letter right after the first
+_ALTERNATIVE = re.compile(r"\s*(?:,|/|&|(?i:or|and)\b)\s*\(?([A-Z])\)?(?![A-Za-z])")
 
 
 def option_list(choices: Choices) -> list[tuple[str, str]]:
@@ -181,7 +189,12 @@ def pred_letter(answer: str, options: list[tuple[str, str]], allowed: str) -> Op
     if m and m.group(1) in allowed:
         return m.group(1)
     found = {x for x in _PAREN_LETTER.findall(head) if x in allowed}
-    found |= {x for x in _ANSWER_IS.findall(head) if x in allowed}
+    for m in _ANSWER_IS.finditer(head):
+        found.add(m.group(1))
+        alt = _ALTERNATIVE.match(head, m.end())
+        if alt:
+            found.add(alt.group(1))  # hedging between letters picks nothing
+    found &= set(allowed)
     if len(found) == 1:
         return found.pop()
     return None

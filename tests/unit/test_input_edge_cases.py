@@ -181,3 +181,25 @@ def test_eval_arguments_limit_model_dir_and_all_images_missing(tmp_path, capsys)
     assert main(base + ["--model", model, "--limit", "0"]) == 2
     assert main(base + ["--model", model, "--images-root", str(tmp_path / "nowhere")]) == 1
     assert "none of the 3 sample(s) could be evaluated" in capsys.readouterr().err
+
+
+def test_reward_near_misses_are_not_credited():
+    from megammr.rewards import RewardItem
+    from megammr.rewards.core import Weights, score_item
+
+    def acc(response, gold, choices=None):
+        return score_item(RewardItem(response, gold, choices), Weights(0.5, 1.0)).accuracy
+
+    # An <answer> inside the reasoning is a draft: closed think, or a think cut off at max tokens.
+    assert acc("<think>maybe <answer>5</answer> hmm</think>", "5") == 0.0
+    assert acc("<think>maybe <answer>5</answer> wait, let me check", "5") == 0.0
+    assert acc("<think>draft <answer>4</answer></think><answer>5</answer>", "5") == 1.0
+    assert acc("<answer>5</answer>", "5") == 1.0  # no think block at all: the format reward handles it
+    # Hedging between option letters picks nothing, however it is phrased.
+    opts = ["1", "2", "3"]
+    for hedge in ("The answer is A or B", "Answer: A, B", "the answer is (A)/B", "The answer is A and B"):
+        assert acc(f"<think>x</think><answer>{hedge}</answer>", "A", opts) == 0.0, hedge
+    assert acc("<think>x</think><answer>The answer is A, because 1 < 2</answer>", "A", opts) == 1.0
+    # Other near misses stay wrong.
+    for pred, gold in (("0.50001", "0.5"), ("2", "1/2"), ("AB", "A"), ("A", "AB")):
+        assert acc(f"<think>x</think><answer>{pred}</answer>", gold) == 0.0, (pred, gold)
