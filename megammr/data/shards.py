@@ -280,6 +280,9 @@ def _write_manifest(stage: str, summary: BuildSummary, writer: TarShardWriter, i
 def read_manifest(path: str) -> dict:
     """The build manifest of a shard directory (phase, sample count, shards)."""
     mpath = os.path.join(path, MANIFEST)
+    if not os.path.exists(path):
+        where = "" if os.path.isabs(path) else f" (relative to the current directory {os.getcwd()})"
+        raise FileNotFoundError(f"{path}: no such directory{where}; build it with tools/build_shards.py")
     if not os.path.isdir(os.path.join(path, ".nv-meta")):
         raise FileNotFoundError(f"{path}: not a prepared shard directory (no .nv-meta); build it with "
                                 "tools/build_shards.py")

@@ -203,3 +203,15 @@ def test_reward_near_misses_are_not_credited():
     # Other near misses stay wrong.
     for pred, gold in (("0.50001", "0.5"), ("2", "1/2"), ("AB", "A"), ("A", "AB")):
         assert acc(f"<think>x</think><answer>{pred}</answer>", gold) == 0.0, (pred, gold)
+
+
+def test_loader_names_a_missing_dataset_path(tmp_path, monkeypatch):
+    import pytest
+    from megammr.config import DataConfig, DatasetConfig
+    from megammr.data.loader import DataConfigError, check_datasets
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataConfigError, match=r"datasets\[0\]\.path: outputs/x: no such directory \(relative to"):
+        check_datasets(DataConfig(datasets=[DatasetConfig(path="outputs/x")]))
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataConfigError, match=r"not a prepared shard directory \(no \.nv-meta\)"):
+        check_datasets(DataConfig(datasets=[DatasetConfig(path="plain")]))
