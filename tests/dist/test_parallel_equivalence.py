@@ -43,3 +43,16 @@ def test_same_loss_and_grad_norm_as_tp1(reference, tmp_path, tp, pp, dp):
         # (strict=True) and gives the same eval loss as the layout that wrote it.
         (back,) = run_torchrun(SCRIPT, 1, dict(TP=1, PP=1, LOAD=tmp_path / "trained", STEPS=0))
         _close([back["eval_loss"]], [res["eval_loss"]])
+
+
+def test_tied_embeddings_across_pipeline_stages(tmp_path):
+    """Tied input/output embeddings (Qwen2.5-VL-3B) split over PP=2: the first and last stage each
+    hold a copy whose gradients megatron all-reduces over the embedding group; TP=2xPP=2 must
+    still train exactly like TP=1."""
+    from conftest import run_torchrun
+    (ref,) = run_torchrun(SCRIPT, 1, dict(TP=1, PP=1, TIED=1, SAVE0=tmp_path / "init"))
+    (res,) = run_torchrun(SCRIPT, 4, dict(TP=2, PP=2, TIED=1, LOAD=tmp_path / "init"))
+    _close(res["losses"], ref["losses"])
+    _close(res["grad_norms"], ref["grad_norms"])
+    _close([res["eval_loss"]], [ref["eval_loss"]])
+
