@@ -21,6 +21,10 @@ def group_advantages(rewards: torch.Tensor, group_size: int | None = None, group
     if kind not in ("grpo", "dr_grpo"):
         raise ValueError(f"advantage kind must be 'grpo' or 'dr_grpo', got {kind!r}")
     r = rewards.reshape(-1).to(torch.float64)  # N is small; float64 keeps mean/std exact enough
+    bad = ~torch.isfinite(r)
+    if bad.any():
+        # One NaN would silently turn its whole group's advantages (and the loss) into NaN.
+        raise ValueError(f"{int(bad.sum())} non-finite reward(s), first at index {int(bad.nonzero()[0])}")
     if group_ids is None:
         if not group_size or r.numel() % group_size:
             raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")

@@ -95,3 +95,9 @@ def test_policy_loss_from_logits_and_hidden_match_float64(agg, est):
     loss_h.backward()
     assert abs(loss_h.item() - ref_loss.item()) <= 1e-5 * abs(ref_loss.item())
     assert rel(w.grad, (ld.grad.reshape(-1, V).t() @ hidden.double().reshape(-1, H))) < 1e-5
+
+
+def test_non_finite_reward_is_an_error_not_a_nan_group():
+    r = torch.tensor([1.0, 0.0, float("nan"), 0.5])
+    with pytest.raises(ValueError, match="1 non-finite reward.*index 2"):
+        group_advantages(r, group_size=2)
