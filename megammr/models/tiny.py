@@ -309,6 +309,10 @@ def write_tiny_model(out_dir: str, seed: int = 0, tie_word_embeddings: bool = Tr
     from safetensors.torch import save_file
 
     os.makedirs(out_dir, exist_ok=True)
+    # Weights of an earlier write (other sharding) would shadow these: readers prefer an index.
+    for name in os.listdir(out_dir):
+        if name.endswith(".safetensors") or name == "model.safetensors.index.json":
+            os.remove(os.path.join(out_dir, name))
     tok = build_tokenizer()
     ids = _write_tokenizer_files(out_dir, tok, model_max_length=int((text or {}).get(
         "max_position_embeddings", TINY_TEXT["max_position_embeddings"])))

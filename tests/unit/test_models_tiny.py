@@ -62,3 +62,13 @@ def test_loads_in_transformers_with_processor(tiny):
     with torch.no_grad():
         logits = model(**batch).logits
     assert torch.isfinite(logits).all() and 0.3 < float(logits.std()) < 10  # O(1), not near zero
+
+
+def test_rewrite_without_shards_drops_the_old_index(tmp_path):
+    import os
+    from megammr.models.tiny import write_tiny_model
+    write_tiny_model(str(tmp_path), max_shard_bytes=200_000)
+    assert os.path.exists(tmp_path / "model.safetensors.index.json")
+    write_tiny_model(str(tmp_path))
+    weights = sorted(f for f in os.listdir(tmp_path) if "safetensors" in f)
+    assert weights == ["model.safetensors"]
