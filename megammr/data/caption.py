@@ -20,7 +20,7 @@ from typing import Optional
 
 from megammr.data.images import decode_image
 from megammr.data.prompts import DEFAULT_QWEN_SYSTEM, build_messages, render_chat
-from megammr.data.schema import RecordError, count_rows, read_rows, validate
+from megammr.data.schema import RecordError, _is_plain_json, count_rows, read_rows, validate
 
 CAPTION_INSTRUCTION = (
     "Describe this image in detail for someone who cannot see it: every object, shape, number, label, "
@@ -161,14 +161,6 @@ def _output_image(ref, blob: bytes, ext: str, rid: str, i: int, in_dir: str, out
     with open(os.path.join(folder, name), "wb") as f:
         f.write(blob)
     return os.path.relpath(os.path.join(folder, name), os.path.dirname(os.path.abspath(out)))
-
-
-def _is_plain_json(v) -> bool:
-    try:
-        json.dumps(v)
-        return True
-    except (TypeError, ValueError):
-        return False
 
 
 def _rebase(path: str, in_dir: str, out_dir: str) -> str:
