@@ -7,7 +7,6 @@ tensor-parallel group; the loss is then identical on every rank of the group.
 """
 from __future__ import annotations
 
-import torch
 
 from megammr.kernels import grpo_loss, logprobs_from_hidden, logprobs_from_logits
 

@@ -8,7 +8,7 @@ by generic code that does not know Qwen's flattened patch layout.
 """
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 
