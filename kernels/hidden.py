@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
-from .logprobs import _ops, _shard_labels, combine_stats, resolve_backend
+from .logprobs import _ops, _shard_labels, combine_stats, forward_outputs, resolve_backend
 
 # Tokens per chunk: one chunk of logits (in the matmul dtype) is about this size; 1766 x 152k bf16.
 DEFAULT_CHUNK_BYTES = 512 * 2**20
@@ -43,12 +43,7 @@ class _HiddenLogProbs(torch.autograd.Function):
         logp = torch.where(valid, zy - lse, torch.zeros_like(lse))
         ctx.save_for_backward(hidden, weight, lab, valid, lse, ent)
         ctx.cfg = (inv_t, with_entropy, group, backend, step)
-        out_shape = labels.shape
-        if not with_entropy:
-            ent = torch.empty(0, device=h.device)
-            ctx.mark_non_differentiable(ent)
-            return logp.view(out_shape), ent
-        return logp.view(out_shape), ent.view(out_shape)
+        return forward_outputs(ctx, logp, ent, with_entropy, labels.shape)
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):

@@ -71,6 +71,16 @@ def _shard_labels(labels, vocab_local, ignore_index, group):
     return torch.where(here, local, torch.full_like(local, -1)).contiguous(), valid
 
 
+
+def forward_outputs(ctx, logp, ent, with_entropy: bool, out_shape):
+    """The (logp, entropy) pair an autograd forward returns; without entropy, an empty
+    non-differentiable placeholder (autograd.Function needs a fixed number of outputs)."""
+    if not with_entropy:
+        ent = torch.empty(0, device=logp.device)
+        ctx.mark_non_differentiable(ent)
+        return logp.view(out_shape), ent
+    return logp.view(out_shape), ent.view(out_shape)
+
 class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, with_entropy, ignore_index, inplace_backward, group, backend,
@@ -88,12 +98,7 @@ class _LogProbs(torch.autograd.Function):
         logp = torch.where(valid, zy - lse, torch.zeros_like(lse))
         ctx.save_for_backward(x, lab, valid, lse, ent)
         ctx.cfg = (inv_t, with_entropy, inplace_backward, backend, kw, logits.shape)
-        out_shape = labels.shape
-        if not with_entropy:
-            ent = torch.empty(0, device=logits.device)
-            ctx.mark_non_differentiable(ent)
-            return logp.view(out_shape), ent
-        return logp.view(out_shape), ent.view(out_shape)
+        return forward_outputs(ctx, logp, ent, with_entropy, labels.shape)
 
     @staticmethod
     def backward(ctx, g_logp, g_ent):
