@@ -18,7 +18,8 @@ class SamplingParams:
     top_p: float
     top_k: int                    # -1 disables
     max_new_tokens: int
-    seed: Optional[int] = None    # seeds the engine's sampler for this call when set
+    seed: Optional[int] = None    # seeds the engine's own sampler for this call when set (the
+                                  # global torch RNG is left alone); same seed -> same rollouts
 
     @classmethod
     def from_config(cls, cfg, seed: Optional[int] = None, **overrides) -> "SamplingParams":
@@ -39,12 +40,20 @@ class RolloutPrompt:
 
 @dataclass
 class Rollout:
+    """One sampled response of one prompt.
+
+    `logprobs` are what the trainer recomputes for the old policy: log softmax(raw logits / T)
+    over the full vocabulary at the sampling temperature T (T = 1 for greedy). top-k/top-p only
+    restrict which tokens can be drawn; they are not applied to the reported log-probs, so a
+    sampled token's log-prob is that of the untruncated tempered distribution.
+    """
     prompt_index: int
     sample_index: int
     text: str                     # the response, special tokens removed
     token_ids: list[int]          # response tokens, the stop token included when generation stopped
-    logprobs: list[float]         # log p(token) under the model's raw distribution (temperature 1,
-                                  # no top-k/top-p), one per token id: what the trainer recomputes
+    logprobs: list[float]         # log softmax(logits / T)[token] at the sampling temperature T
+                                  # (T = 1 when greedy), over the full vocabulary: top-k/top-p are
+                                  # NOT applied (the trainer recomputes exactly this); one per token
     finish_reason: str            # "stop" (an end-of-turn token) or "length" (max_new_tokens reached)
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)  # image pads expanded
 
