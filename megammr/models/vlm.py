@@ -173,9 +173,31 @@ def build_model(bb: Backbone, layer_spec_name: str = "local", precision: str = "
     pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
     post = ps.is_pipeline_last_stage() if post_process is None else post_process
     model = Qwen25VLModel(bb, cfg, layer_spec(layer_spec_name), pre, post)
+    mark_tensor_parallel_weights(model)
     if freeze_vision and model.vision_model is not None:
         model.vision_model.requires_grad_(False)
     return model
+
+
+def mark_tensor_parallel_weights(model) -> int:
+    """Give every tensor-parallel weight megatron's `tensor_model_parallel` attributes.
+
+    megatron-core sets them only inside its weight initialisers, so with
+    perform_initialization=False (weights loaded from a checkpoint) the weights of column/row
+    parallel linears and of the vocab-parallel embedding lack them, while their biases have them.
+    The grad norm then counts such a weight as a TP-replicated duplicate (rank 0's slice only),
+    and gradient clipping is wrong at TP > 1. Returns the number of weights marked."""
+    from megatron.core.tensor_parallel import layers as tpl
+
+    dims = {tpl.ColumnParallelLinear: 0, tpl.VocabParallelEmbedding: 0, tpl.RowParallelLinear: 1}
+    n = 0
+    for module in model.modules():
+        dim = next((d for cls, d in dims.items() if isinstance(module, cls)), None)
+        w = getattr(module, "weight", None)
+        if dim is not None and isinstance(w, torch.nn.Parameter) and not getattr(w, "tensor_model_parallel", False):
+            w.tensor_model_parallel, w.partition_dim, w.partition_stride = True, dim, 1
+            n += 1
+    return n
 
 
 def build_from_recipe(recipe, bb: Optional[Backbone] = None) -> Qwen25VLModel:
