@@ -5,6 +5,7 @@ for megatron-core (megammr.megatron_cpu) is applied before anything from megatro
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import os
 import random
@@ -81,6 +82,8 @@ def dist_env_from(environ: Mapping[str, str]) -> DistEnv:
     elif launcher == "slurm" and "SLURM_JOB_ID" in environ:
         # Same on every task of a job, different between jobs that share a node.
         port = 20000 + int(environ["SLURM_JOB_ID"]) % 20000
+    elif launcher == "single":
+        port = 0  # one process: any free port (init picks it), so concurrent single runs never collide
     else:
         port = 29500
     return DistEnv(rank, world, local, addr, port, launcher)
@@ -139,6 +142,8 @@ def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None, timeout_s:
     dp = recipe.data_parallel_size(env.world_size)  # raises naming the sizes when it does not divide
 
     if not dist.is_initialized():
+        if env.master_port == 0:
+            env = dataclasses.replace(env, master_port=_free_port(env.master_addr))
         dist.init_process_group(
             backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
             rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
@@ -149,6 +154,13 @@ def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None, timeout_s:
                                      context_parallel_size=cp)
     seed_everything(recipe.train.seed)
     return Runtime(env, device, backend, tp, pp, cp, dp, patches)
+
+
+def _free_port(addr: str) -> int:
+    import socket
+    with socket.socket() as s:
+        s.bind((addr, 0))
+        return s.getsockname()[1]
 
 
 def shutdown() -> None:
