@@ -13,6 +13,7 @@ import sys
 COMMANDS = {
     "version": ("megammr.version_cli", "print the package and key dependency versions"),
     "config": ("megammr.config_cli", "show a resolved recipe or the documented fields"),
+    "train": ("megammr.train_cli", "run one GRPO phase of a recipe (torchrun/srun for several ranks)"),
     "score": ("megammr.rewards.score_cli", "score responses in a JSONL file with the rule-based rewards"),
     "eval": ("megammr.eval.cli", "evaluate a model on MathVista / MathVerse / MathVision / OlympiadBench"),
     "bench": ("megammr.bench", "run a benchmark (kernels, data, rewards)"),

@@ -83,6 +83,8 @@ class RolloutConfig:
     gpu_memory_utilization: float = F(0.5, "Fraction of GPU memory vLLM may claim (colocated with training).")
     tp: Optional[int] = F(None, "vLLM tensor-parallel size; None uses parallel.tp.")
     enforce_eager: bool = F(True, "Disable CUDA graphs in vLLM (safe with sleep mode and weight sync).")
+    max_batch_sequences: int = F(16, "transformers engine: sequences per generate() call (prompts x samples are batched).")
+    replay: Optional[str] = F(None, "Directory of saved rollouts (OUTPUT_DIR/rollouts of an earlier run): train on them instead of generating.")
 
 
 @dataclass
@@ -107,6 +109,10 @@ class AlgoConfig:
     loss_agg: Literal["token_mean", "seq_mean"] = F("token_mean", "token_mean over all tokens of the batch, or the mean of per-sequence token means.")
     tis_cap: Optional[float] = F(None, "Truncated importance sampling cap against the rollout engine's log-probs; None disables.")
     entropy_coef: float = F(0.0, "Entropy bonus coefficient.")
+    dynamic_sampling: bool = F(False, "DAPO dynamic sampling: drop groups whose rewards are all equal (no signal) and refill from further prompts.")
+    max_resample_rounds: int = F(3, "Dynamic sampling: extra generation rounds per step at most; a step may then train on fewer groups.")
+    overlong_buffer: int = F(0, "DAPO overlong shaping: responses within this many tokens of rollout.max_new_tokens are penalised linearly; 0 disables.")
+    overlong_penalty: float = F(1.0, "DAPO overlong shaping: the penalty at rollout.max_new_tokens (reaches it linearly over overlong_buffer tokens).")
 
 
 @dataclass
@@ -134,6 +140,10 @@ class TrainConfig:
     output_dir: str = F("outputs/run", "Run directory: checkpoints, metrics, logs.")
     seed: int = F(1234, "Seed of every RNG (Python, NumPy, torch, megatron's model-parallel tracker, data shuffling).")
     log_interval: int = F(1, "Print and log metrics every this many steps.")
+    max_tokens_per_micro_batch: Optional[int] = F(None, "Token budget of a micro-batch (rows x longest sequence, padding included); sequences are grouped by length under it. None: micro_batch_size rows.")
+    max_bad_steps: int = F(3, "Steps in a row with a non-finite loss or grad norm (each skipped and counted) before the run stops with an error.")
+    save_rollouts: bool = F(False, "Write every step's rollouts (token ids, engine log-probs, rewards, prompts, images) to OUTPUT_DIR/rollouts/ for replay.")
+    sync_bucket_mb: int = F(512, "Weight sync Megatron -> rollout engine: size bound of one bucket of tensors in MiB.")
 
 
 @dataclass
@@ -395,6 +405,17 @@ def validate(r: Recipe) -> None:
         (r.train.prompts_per_step >= 1, "train.prompts_per_step must be >= 1"),
         (r.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
         (r.train.checkpoint_interval >= 1, "train.checkpoint_interval must be >= 1"),
+        (r.train.updates_per_step >= 1, "train.updates_per_step must be >= 1"),
+        (r.train.max_tokens_per_micro_batch is None or r.train.max_tokens_per_micro_batch >= 1,
+         "train.max_tokens_per_micro_batch must be >= 1 (or null)"),
+        (r.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
+        (r.train.sync_bucket_mb >= 1, "train.sync_bucket_mb must be >= 1"),
+        (r.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
+        (r.rollout.max_batch_sequences >= 1, "rollout.max_batch_sequences must be >= 1"),
+        (r.algo.max_resample_rounds >= 0, "algo.max_resample_rounds must be >= 0"),
+        (0 <= r.algo.overlong_buffer < r.rollout.max_new_tokens or r.algo.overlong_buffer == 0,
+         "algo.overlong_buffer must be >= 0 and < rollout.max_new_tokens"),
+        (r.algo.tis_cap is None or r.algo.tis_cap > 0, "algo.tis_cap must be > 0 (or null)"),
         (r.reward.timeout_s > 0, "reward.timeout_s must be > 0"),
         (r.reward.workers >= 1, "reward.workers must be >= 1"),
         (r.algo.clip_low >= 0 and r.algo.clip_high >= 0, "algo.clip_low and clip_high must be >= 0"),

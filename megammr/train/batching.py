@@ -1,0 +1,150 @@
+"""Samples -> right-padded micro-batches for the Megatron train step.
+
+A sample is one (prompt, response) sequence. The model reads prompt + response without its last
+token and predicts the next token at every position, so response token k is scored at position
+len(prompt) - 1 + k: labels are the input shifted by one, and the loss mask covers exactly the
+response positions (prompt, padding and filler rows are masked out; labels there are -100).
+
+Why right padding and attention_mask=None: with megatron-core's local layer spec a padding-only
+mask would drop causality, while right padding under a causal mask cannot change any real
+position (padding comes after every real token). M-RoPE positions skip padding (value 0).
+
+Micro-batches group sequences by length (longest first) under a token budget counted with
+padding (rows x longest row). Under pipeline parallelism megatron's p2p communication needs one
+shape for every micro-batch: then all are [micro_batch_size, longest sequence of the step], the
+last one filled with masked rows.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+IGNORE = -100
+
+
+@dataclass
+class Sample:
+    """One sequence the trainer learns from (plain data; tensors on CPU)."""
+    prompt_ids: list[int]
+    response_ids: list[int]
+    advantage: float
+    rollout_logp: list[float]                     # the engine's log-probs of response_ids
+    pixel_values: Optional[torch.Tensor] = None   # [patches, C*T*P*P] of this prompt's images
+    image_grid_thw: Optional[torch.Tensor] = None  # [n_images, 3]
+
+    @property
+    def length(self) -> int:
+        """Input positions: prompt + response minus the last token (it has nothing to predict)."""
+        return len(self.prompt_ids) + len(self.response_ids) - 1
+
+
+@dataclass
+class MicroBatch:
+    input_ids: torch.Tensor          # [b, s]
+    position_ids: torch.Tensor       # [3, b, s] M-RoPE
+    labels: torch.Tensor             # [b, s] next token at response positions, else -100
+    loss_mask: torch.Tensor          # [b, s] float32
+    advantages: torch.Tensor         # [b] float32
+    rollout_logp: torch.Tensor       # [b, s] engine log-probs aligned with labels (0 outside the mask)
+    rows: list[int]                  # sample index of each row, -1 for a filler row
+    pixel_values: Optional[torch.Tensor] = None
+    image_grid_thw: Optional[torch.Tensor] = None
+    old_logp: Optional[torch.Tensor] = None   # filled by a forward-only pass when needed (last stage)
+    ref_logp: Optional[torch.Tensor] = None
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.input_ids.shape)  # type: ignore[return-value]
+
+    def to(self, device) -> "MicroBatch":
+        for name in ("input_ids", "position_ids", "labels", "loss_mask", "advantages", "rollout_logp",
+                     "pixel_values", "image_grid_thw", "old_logp", "ref_logp"):
+            t = getattr(self, name)
+            if t is not None:
+                setattr(self, name, t.to(device, non_blocking=True))
+        return self
+
+
+def plan_micro_batches(lengths: list[int], *, micro_batch_size: int, max_tokens: Optional[int],
+                       fixed_shape: bool) -> list[list[int]]:
+    """Indices of the samples of each micro-batch (longest first), see the module docstring."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if not order:
+        return []
+    if fixed_shape:
+        longest = lengths[order[0]]
+        rows = micro_batch_size if max_tokens is None else max(1, min(micro_batch_size, max_tokens // longest))
+        return [order[i:i + rows] for i in range(0, len(order), rows)]
+    plans, cur = [], []
+    for i in order:
+        longest = lengths[cur[0]] if cur else lengths[i]  # sorted: the first row is the longest
+        full = len(cur) >= micro_batch_size if max_tokens is None else (len(cur) + 1) * longest > max_tokens
+        if cur and full:
+            plans.append(cur)
+            cur = []
+        cur.append(i)
+    plans.append(cur)
+    return plans
+
+
+def make_micro_batches(samples: list[Sample], backbone, *, pad_id: int, micro_batch_size: int,
+                       max_tokens: Optional[int] = None, fixed_shape: bool = False) -> list[MicroBatch]:
+    """Right-padded micro-batches of `samples`; every sample lands in exactly one row."""
+    from megammr.models.vlm import mrope_position_ids
+
+    lengths = [s.length for s in samples]
+    for i, s in enumerate(samples):
+        if not s.response_ids:
+            raise ValueError(f"sample {i} has an empty response: nothing to learn from")
+        if len(s.rollout_logp) != len(s.response_ids):
+            raise ValueError(f"sample {i}: {len(s.rollout_logp)} engine log-probs for {len(s.response_ids)} tokens")
+    plans = plan_micro_batches(lengths, micro_batch_size=micro_batch_size, max_tokens=max_tokens,
+                               fixed_shape=fixed_shape)
+    width = max(lengths) if (fixed_shape and lengths) else None
+    out = []
+    for plan in plans:
+        rows = list(plan)
+        if fixed_shape:
+            rows += [-1] * (len(plans[0]) - len(rows))
+        s_len = width or max(lengths[i] for i in plan)
+        b = len(rows)
+        ids = torch.full((b, s_len), pad_id, dtype=torch.long)
+        labels = torch.full((b, s_len), IGNORE, dtype=torch.long)
+        mask = torch.zeros(b, s_len, dtype=torch.float32)
+        attn = torch.zeros(b, s_len, dtype=torch.long)
+        rlogp = torch.zeros(b, s_len, dtype=torch.float32)
+        adv = torch.zeros(b, dtype=torch.float32)
+        pixels, grids = [], []
+        for r, i in enumerate(rows):
+            if i < 0:
+                continue
+            s = samples[i]
+            full = s.prompt_ids + s.response_ids
+            n, p = len(full) - 1, len(s.prompt_ids)
+            ids[r, :n] = torch.tensor(full[:-1])
+            attn[r, :n] = 1
+            labels[r, p - 1:n] = torch.tensor(s.response_ids)
+            mask[r, p - 1:n] = 1.0
+            rlogp[r, p - 1:n] = torch.tensor(s.rollout_logp, dtype=torch.float32)
+            adv[r] = s.advantage
+            if s.pixel_values is not None:
+                pixels.append(s.pixel_values)
+                grids.append(s.image_grid_thw)
+        grid = torch.cat(grids) if grids else None
+        out.append(MicroBatch(
+            input_ids=ids, position_ids=mrope_position_ids(ids, backbone, grid, attn), labels=labels,
+            loss_mask=mask, advantages=adv, rollout_logp=rlogp, rows=rows,
+            pixel_values=torch.cat(pixels) if pixels else None, image_grid_thw=grid))
+    return out
+
+
+def filler_micro_batch(backbone, *, pad_id: int, rows: int = 1, seq: int = 1) -> MicroBatch:
+    """A fully masked micro-batch: a rank with no sample this step still runs the collective step."""
+    ids = torch.full((rows, seq), pad_id, dtype=torch.long)
+    z = torch.zeros(rows, seq)
+    return MicroBatch(input_ids=ids, position_ids=torch.zeros(3, rows, seq, dtype=torch.long),
+                      labels=torch.full((rows, seq), IGNORE, dtype=torch.long), loss_mask=z.clone(),
+                      advantages=torch.zeros(rows), rollout_logp=z.clone(), rows=[-1] * rows)

@@ -1,0 +1,143 @@
+"""One Megatron update on micro-batches, and forward-only log-prob passes.
+
+Both go through megatron-core's `get_forward_backward_func()`, so TP/PP/DP behave exactly as
+megatron schedules them. The loss of a micro-batch is `megammr.algo.policy_loss` on the
+vocab-parallel LM-head logits, with the gradient written in place over the logits.
+
+Loss normalisation (token_mean): the TransformerConfig has `calculate_per_token_loss=True`,
+so each micro-batch returns the *sum* of its per-token losses and its token count; megatron
+sums gradients over micro-batches and DP ranks (no 1/dp, no 1/num_microbatches) and
+finalize_model_grads divides them by the step's token count, all-reduced over DP once. The
+gradient therefore equals that of one process holding the whole step, at any layout. seq_mean
+is the same with per-sequence token means summed and the sequence count as the divisor.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megammr.algo import policy_loss
+from megammr.kernels import logprobs_from_logits
+from megammr.train.batching import MicroBatch
+
+# Per-step sums reported by the last pipeline stage (index order of the packed metrics tensor).
+SUM_KEYS = ("loss", "count", "tokens", "kl", "clip", "entropy", "logp_diff")
+
+
+def _forward(model, mb: MicroBatch):
+    return model(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
+                 pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
+
+
+def _schedule(model, mbs: list[MicroBatch], forward_step, forward_only: bool, collect_non_loss: bool = False):
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    seq, rows = mbs[0].shape[1], mbs[0].shape[0]  # shapes are fixed under PP (see batching)
+    return get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iter(mbs), model=[model], num_microbatches=len(mbs),
+        seq_length=seq, micro_batch_size=rows, forward_only=forward_only, collect_non_loss_data=collect_non_loss)
+
+
+def _tp_group():
+    from megatron.core import parallel_state as ps
+    return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
+
+
+@torch.no_grad()
+def forward_logprobs(model, mbs: list[MicroBatch], temperature: float) -> Optional[list[torch.Tensor]]:
+    """log p(label) [b, s] per micro-batch at `temperature` (0 outside the loss mask), on the last
+    pipeline stage; None elsewhere. No gradient and no [T, V] fp32 copy of the logits."""
+    from megatron.core import parallel_state as ps
+
+    group = _tp_group()
+
+    def step(it, m):
+        mb = next(it)
+        out = _forward(m, mb)
+
+        def collect(logits, non_loss_data=True):
+            return logprobs_from_logits(logits, mb.labels, temperature, group=group)
+        return out, collect
+
+    out = _schedule(model, mbs, step, forward_only=True, collect_non_loss=True)
+    return list(out) if ps.is_pipeline_last_stage() else None
+
+
+@dataclass
+class UpdateResult:
+    sums: dict[str, float]    # SUM_KEYS over this rank's micro-batches (last stage; zeros elsewhere)
+    grad_norm: float
+    skipped: bool             # non-finite loss or grad norm: the optimizer step was not taken
+
+
+def train_on(model, optimizer, mbs: list[MicroBatch], algo, temperature: float) -> UpdateResult:
+    """Forward/backward over `mbs`, then one optimizer step with gradient clipping.
+
+    A non-finite loss (on any rank) or grad norm skips the step: gradients are dropped, weights
+    and optimizer state stay as they were.
+    """
+    from megatron.core import parallel_state as ps
+
+    group = _tp_group()
+    per_seq = algo.loss_agg == "seq_mean"
+    need_rollout = algo.tis_cap is not None
+
+    def step(it, m):
+        mb = next(it)
+        out = _forward(m, mb)
+
+        def loss_func(logits):
+            loss, metrics, logp = policy_loss(
+                logits, mb.labels, mb.loss_mask, mb.advantages, algo, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
+                rollout_logp=mb.rollout_logp if need_rollout else None, temperature=temperature, tp_group=group,
+                normalizer=1.0, inplace_backward=True)
+            tokens = mb.loss_mask.sum()
+            count = (mb.loss_mask.sum(1) > 0).sum() if per_seq else tokens
+            diff = ((logp - mb.rollout_logp).abs() * mb.loss_mask).sum()
+            sums = torch.stack([loss.detach(), count.float(), tokens, metrics["kl"] * tokens, metrics["clip_frac"] * tokens,
+                                metrics.get("entropy", torch.zeros(())) * tokens, diff]).float()
+            return loss, count.to(torch.int), {"sums": sums}
+        return out, loss_func
+
+    model.zero_grad_buffer()
+    optimizer.zero_grad()
+    out = _schedule(model, mbs, step, forward_only=False)
+    sums = torch.zeros(len(SUM_KEYS), dtype=torch.float64)
+    if ps.is_pipeline_last_stage() and out:
+        sums = torch.stack([o["sums"] for o in out]).double().sum(0)
+    grad_norm, skipped = optimizer_step(optimizer, loss_ok=bool(torch.isfinite(sums[0])))
+    return UpdateResult(dict(zip(SUM_KEYS, sums.tolist())), grad_norm, skipped)
+
+
+def optimizer_step(optimizer, loss_ok: bool) -> tuple[float, bool]:
+    """megatron's optimizer.step(), split so that a non-finite loss or grad norm skips the update.
+
+    The decision is the same on every rank: the grad norm is already reduced over model-parallel
+    ranks, and the loss flag is all-reduced here (the loss lives on the last pipeline stage only).
+    """
+    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+
+    bad = torch.tensor([0.0 if loss_ok else 1.0], device=_device())
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    found_inf = optimizer.prepare_grads()
+    norm = float(optimizer.get_grad_norm())
+    if found_inf or bad.item() > 0 or not math.isfinite(norm):
+        optimizer.zero_grad()
+        return norm, True
+    # As ChainedOptimizer.step: clip every sub-optimizer's parameters by the one total norm.
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        params = opt.get_parameters()
+        if params and opt.config.clip_grad > 0:
+            clip_grad_by_total_norm_fp32(params, max_norm=opt.config.clip_grad, total_norm=norm,
+                                         use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+    optimizer.step_with_ready_grads()
+    return norm, False
+
+
+def _device():
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

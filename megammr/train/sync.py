@@ -1,0 +1,162 @@
+"""Weight sync: this model-parallel group's Megatron weights -> its rollout engine, under HF names.
+
+The engine lives on the group's source rank (tensor rank 0 of the first pipeline stage; see
+megammr.train.experience). For every tensor group of megammr.models.mapping, in one fixed
+order that every rank derives from the backbone alone:
+  1. the pipeline stage that owns it all-gathers the tensor-parallel slices (TP group),
+  2. tensor rank 0 of that stage converts the global tensor to HF tensors (mapping, no arithmetic),
+  3. HF tensors are collected into buckets of at most `bucket_mb`; a full bucket goes to the
+     engine directly (first stage) or is broadcast over the pipeline group of tensor rank 0
+     (later stages) and loaded by the source rank.
+No rank ever holds more than one bucket plus one global tensor in flight, so memory stays bounded
+whatever the model size. Every data-parallel replica syncs its own engine in parallel.
+"""
+from __future__ import annotations
+
+import time
+from typing import Iterator, Optional
+
+import torch
+import torch.distributed as dist
+
+from megammr.models.mapping import (DEC, LAYER_KEYS, LM, LOCAL_ALIASES, TP_DIM, global_layer_to_hf,
+                                    global_nonlayer_keys)
+
+
+def _owner_stage(key: str, layer: Optional[int], num_layers: int, pp: int) -> int:
+    if layer is not None:
+        return layer // (num_layers // pp)
+    if key.startswith("vision_model.") or key == LM + "embedding.word_embeddings.weight":
+        return 0
+    return pp - 1  # final norm, untied output layer
+
+
+def _tensor_order(bb) -> list[tuple[str, Optional[int], str]]:
+    """(local-name suffix, global layer or None, mapping key) for every tensor, in sync order."""
+    out = [(key, None, key) for key in global_nonlayer_keys(bb)]
+    inverse = {v: k for k, v in LOCAL_ALIASES.items()}
+    for layer in range(bb.num_layers):
+        for key in LAYER_KEYS:
+            out.append((inverse.get(key, key), layer, key))
+    return out
+
+
+def _tp_gather(t: torch.Tensor, key: str, group, size: int) -> torch.Tensor:
+    """Inverse of mapping.tp_slice: the global tensor from every rank's slice."""
+    dim = TP_DIM.get(key) if key in TP_DIM else (0 if key in (LM + "embedding.word_embeddings.weight",
+                                                                LM + "output_layer.weight") else None)
+    if size == 1 or dim is None:
+        return t
+    parts = [torch.empty_like(t) for _ in range(size)]
+    dist.all_gather(parts, t.contiguous(), group=group)
+    if key == "mlp.linear_fc1.weight":  # each rank holds [gate_r; up_r]
+        halves = [p.chunk(2, dim=0) for p in parts]
+        return torch.cat([h[0] for h in halves] + [h[1] for h in halves], dim=0)
+    return torch.cat(parts, dim=dim)
+
+
+class WeightSync:
+    """Streams the Megatron model (unwrapped Qwen25VLModel) into `engine` (on the source rank)."""
+
+    def __init__(self, model, engine, bucket_mb: int = 512):
+        from megatron.core import parallel_state as ps
+
+        self.model, self.engine = model, engine
+        self.bb = model.backbone
+        self.bucket_bytes = int(bucket_mb) << 20
+        self.tp_group, self.tp = ps.get_tensor_model_parallel_group(), ps.get_tensor_model_parallel_world_size()
+        self.tp_rank = ps.get_tensor_model_parallel_rank()
+        self.pp_group, self.pp = ps.get_pipeline_model_parallel_group(), ps.get_pipeline_model_parallel_world_size()
+        self.stage = ps.get_pipeline_model_parallel_rank()
+        self.pp_ranks = dist.get_process_group_ranks(self.pp_group) if self.pp > 1 else [dist.get_rank()]
+        layers = model.language_model.decoder.layers
+        self.offset = (layers[0].layer_number - 1) if len(layers) else 0
+        self.order = _tensor_order(self.bb)
+        self.timings: dict[str, float] = {}
+
+    def _local(self, suffix: str, layer: Optional[int]) -> torch.Tensor:
+        sd = self._sd
+        name = f"{DEC}{layer - self.offset}.{suffix}" if layer is not None else suffix
+        return sd[name].detach()
+
+    def _my_hf_tensors(self, stage: int) -> Iterator[tuple[str, torch.Tensor]]:
+        """HF tensors owned by `stage` (this rank's stage): TP-gathered on every tensor rank of the
+        stage (a collective), converted and yielded on tensor rank 0 only."""
+        for suffix, layer, key in self.order:
+            if _owner_stage(key, layer, self.bb.num_layers, self.pp) != stage:
+                continue
+            full = _tp_gather(self._local(suffix, layer), key, self.tp_group, self.tp)
+            if self.tp_rank != 0:
+                continue
+            if layer is None:
+                yield global_nonlayer_keys(self.bb)[key], full
+            else:
+                yield from global_layer_to_hf(full, self.bb, layer, key).items()
+
+    def _buckets(self, stage: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
+        bucket, size = [], 0
+        for name, t in self._my_hf_tensors(stage):
+            bucket.append((name, t))
+            size += t.numel() * t.element_size()
+            if size >= self.bucket_bytes:
+                yield bucket
+                bucket, size = [], 0
+        if bucket:
+            yield bucket
+
+    @torch.no_grad()
+    def sync(self) -> dict[str, float]:
+        """Push the current weights; returns timings (seconds) and counts of this rank."""
+        t0 = time.perf_counter()
+        self._sd = self.model.state_dict(keep_vars=True)
+        loaded, sent = 0, 0
+        if self.stage == 0:
+            for bucket in self._buckets(0):
+                if self.engine is not None:
+                    loaded += self.engine.update_weights(bucket) or len(bucket)
+        elif self.tp_rank != 0:
+            for _ in self._buckets(self.stage):  # the TP all-gathers are collective: take part
+                pass
+        if self.pp > 1 and self.tp_rank == 0:
+            for stage in range(1, self.pp):
+                src = self.pp_ranks[stage]
+                mine = self._buckets(stage) if stage == self.stage else None
+                while True:
+                    loaded_now, sent_now = self._transfer(mine, src)
+                    if loaded_now is None:
+                        break
+                    loaded += loaded_now
+                    sent += sent_now
+        self._sd = None
+        self.timings = {"time": time.perf_counter() - t0, "tensors_loaded": loaded, "tensors_sent": sent}
+        return self.timings
+
+    def _transfer(self, mine, src: int):
+        """One bucket from pipeline stage `src` over the pipeline group: (loaded, sent), None when done."""
+        if mine is not None:
+            bucket = next(mine, None)
+            meta = None if bucket is None else [(n, tuple(t.shape), t.dtype) for n, t in bucket]
+            box = [meta]
+        else:
+            box = [None]
+        dist.broadcast_object_list(box, src=src, group=self.pp_group)
+        meta = box[0]
+        if meta is None:
+            return None, 0
+        dtype = meta[0][2]
+        numel = sum(int(torch.Size(s).numel()) for _, s, _ in meta)
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        if mine is not None:
+            flat = torch.cat([t.reshape(-1).to(dtype) for _, t in bucket]).to(dev)
+        else:
+            flat = torch.empty(numel, dtype=dtype, device=dev)
+        dist.broadcast(flat, src=src, group=self.pp_group)
+        if mine is not None or self.engine is None:
+            return 0, (len(meta) if mine is not None else 0)
+        tensors, off = [], 0
+        for name, shape, _ in meta:
+            n = int(torch.Size(shape).numel())
+            tensors.append((name, flat[off:off + n].view(shape)))
+            off += n
+        return self.engine.update_weights(tensors) or len(tensors), 0
+

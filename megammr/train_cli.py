@@ -1,0 +1,42 @@
+"""`megammr train RECIPE [key=value ...]`: one phase of GRPO (under torchrun / srun for several ranks).
+
+Exit codes: 0 done; 2 a recipe or input the run cannot honour (the message names the field);
+3 training stopped (e.g. train.max_bad_steps non-finite steps in a row).
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+
+def add_arguments(p):
+    p.add_argument("recipe", help="recipe YAML (e.g. recipes/tiny/phase1.yaml)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=3")
+
+
+def _say(msg: str) -> None:
+    # Under torchrun every rank would print the same error: rank 0 speaks for the job.
+    if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
+        print(f"megammr train: error: {msg}", file=sys.stderr, flush=True)
+
+
+def run(args) -> int:
+    from megammr.config import RecipeError, load_recipe
+    from megammr.data.loader import DataConfigError, DataStateError
+    from megammr.models.mapping import CheckpointError
+
+    try:
+        recipe = load_recipe(args.recipe, args.overrides)
+    except RecipeError as e:
+        _say(str(e))
+        return 2
+    from megammr.trainer import TrainingError, train
+    try:
+        train(recipe)
+    except (RecipeError, DataConfigError, DataStateError, CheckpointError) as e:
+        _say(str(e))
+        return 2
+    except TrainingError as e:
+        _say(str(e))
+        return 3
+    return 0

@@ -1,0 +1,165 @@
+"""The GRPO loop of one phase. Every rank runs this same loop (SPMD, no controller process).
+
+    prompts -> rollouts -> rewards           (train.experience: model-parallel source rank, broadcast)
+    -> group advantages -> micro-batches     (algo, train.batching)
+    -> old / reference log-probs             (forward only, only when needed)
+    -> megatron forward/backward + optimizer (train.step)
+    -> weight sync into the rollout engine   (train.sync)
+    -> metrics
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.distributed as dist
+
+from megammr import runtime
+from megammr.algo import group_advantages
+from megammr.config import Recipe
+from megammr.metrics import MetricsLog
+from megammr.train import setup
+from megammr.train.batching import Sample, filler_micro_batch, make_micro_batches
+from megammr.train.experience import ExperienceStats
+from megammr.train.step import SUM_KEYS, forward_logprobs, train_on
+
+
+class TrainingError(RuntimeError):
+    """The run cannot continue (e.g. too many non-finite steps in a row)."""
+
+
+def to_samples(groups, kind: str) -> list[Sample]:
+    """GRPO: each group's rewards are normalised within the group (no communication needed)."""
+    out = []
+    for g in groups:
+        adv = group_advantages(torch.tensor(g.rewards, dtype=torch.float64), group_size=len(g.rewards), kind=kind)
+        for k, ids in enumerate(g.token_ids):
+            out.append(Sample(g.prompt_ids, ids, float(adv[k]), g.logprobs[k], g.pixel_values, g.image_grid_thw))
+    return out
+
+
+def micro_batches(parts: setup.Parts, chunks) -> list[list]:
+    """Each mini-batch of whole groups (one per optimizer update) as a list of micro-batches."""
+    r = parts.recipe
+    pp = r.parallel.pp > 1
+    out = []
+    for chunk in chunks:
+        mbs = make_micro_batches(to_samples(chunk, r.algo.advantage), parts.backbone, pad_id=parts.pad_id,
+                                 micro_batch_size=r.train.micro_batch_size,
+                                 max_tokens=r.train.max_tokens_per_micro_batch, fixed_shape=pp)
+        out.append(mbs or [filler_micro_batch(parts.backbone, pad_id=parts.pad_id)])
+    return out
+
+
+def attach_logprobs(parts: setup.Parts, minis) -> None:
+    """Old-policy (off-policy updates) and reference (KL) log-probs, forward only, on the last stage."""
+    r = parts.recipe
+    temp = r.rollout.temperature
+    for mbs in minis:
+        if r.train.updates_per_step > 1:
+            for mb, lp in zip(mbs, forward_logprobs(parts.model, mbs, temp) or []):
+                mb.old_logp = lp
+        if parts.ref_model is not None:
+            for mb, lp in zip(mbs, forward_logprobs(parts.ref_model, mbs, temp) or []):
+                mb.ref_logp = lp
+
+
+def train(recipe: Recipe) -> dict:
+    """Run one phase; returns the last step's metrics (on rank 0)."""
+    rt = runtime.init(recipe)
+    r, parts, log = recipe, None, None
+    skipped_total, bad_in_row, last = 0, 0, {}
+    try:
+        parts = setup.build(recipe, rt)
+        log = MetricsLog(r.train.output_dir, rt.is_main, r.train.steps, r.train.log_interval)
+        if parts.sync:
+            parts.sync.sync()  # the engine starts from exactly the trainer's weights
+        for step in range(1, r.train.steps + 1):
+            t = {"start": time.perf_counter()}
+            chunks, stats = parts.experience.collect(step)
+            t["rollout"] = time.perf_counter()
+
+            minis = micro_batches(parts, chunks)
+            attach_logprobs(parts, minis)
+            t["logprobs"] = time.perf_counter()
+
+            updates = [train_on(parts.model, parts.optimizer, mbs, r.algo, r.rollout.temperature) for mbs in minis]
+            for u in updates:
+                if not u.skipped:
+                    parts.scheduler.step(increment=1)
+            t["train"] = time.perf_counter()
+
+            if parts.sync:
+                parts.sync.sync()
+            t["sync"] = time.perf_counter()
+
+            skipped = sum(u.skipped for u in updates)
+            skipped_total += skipped
+            bad_in_row = bad_in_row + 1 if skipped else 0
+            last = step_metrics(parts, step, stats, updates, t, skipped_total)
+            log.log(last)
+            if bad_in_row >= r.train.max_bad_steps:
+                raise TrainingError(f"{bad_in_row} steps in a row had a non-finite loss or grad norm "
+                                    f"(train.max_bad_steps={r.train.max_bad_steps}); stopping at step {step}. "
+                                    "Lower optim.lr, check the data, or set algo.tis_cap if the engine's "
+                                    "log-probs are suspect")
+    finally:
+        if log:
+            log.close()
+        for close in (parts.closers if parts else []):
+            close()
+        runtime.shutdown()
+    return last
+
+
+def step_metrics(parts: setup.Parts, step: int, stats: ExperienceStats, updates, t: dict, skipped_total: int) -> dict:
+    """Reduce this step's numbers over all ranks with one all-reduce; every rank gets the result.
+
+    Experience sums come from each model-parallel source rank (one per DP rank); loss sums from
+    tensor rank 0 of each last pipeline stage; so each contribution is counted exactly once.
+    """
+    from megatron.core import parallel_state as ps
+
+    exp_keys = [f for f in vars(ExperienceStats()) if f not in ("time_generate", "time_reward")]
+    is_src = parts.experience.is_src
+    owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
+    vec = [float(getattr(stats, k)) if is_src else 0.0 for k in exp_keys]
+    for u in updates:
+        vec += [u.sums[k] if owner else 0.0 for k in SUM_KEYS]
+    x = torch.tensor(vec, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        x = x.to(dev)
+        dist.all_reduce(x)
+        x = x.cpu()
+    e = dict(zip(exp_keys, x[:len(exp_keys)].tolist()))
+    per_update = [dict(zip(SUM_KEYS, x[len(exp_keys) + i * len(SUM_KEYS):][:len(SUM_KEYS)].tolist()))
+                  for i in range(len(updates))]
+    tok = sum(u["tokens"] for u in per_update) or 1.0
+    n = e["samples"] or 1.0
+
+    def mean_over_tokens(key):
+        return sum(u[key] for u in per_update) / tok
+
+    step_time = t["sync"] - t["start"]
+    return {
+        "step": step,
+        "reward/mean": e["reward"] / n, "reward/accuracy": e["accuracy"] / n, "reward/format": e["format"] / n,
+        "response/length_mean": e["response_tokens"] / n, "response/clip_frac": e["truncated"] / n,
+        "loss": sum(u["loss"] / max(u["count"], 1.0) for u in per_update) / len(per_update),
+        "grad_norm": sum(u.grad_norm for u in updates) / len(updates),
+        "lr": parts.optimizer.param_groups[0]["lr"],
+        "kl": mean_over_tokens("kl"), "entropy": mean_over_tokens("entropy"),
+        "policy/clip_frac": mean_over_tokens("clip"), "logp_diff/rollout_vs_train": mean_over_tokens("logp_diff"),
+        "groups/dropped": int(e["groups_dropped"]), "groups/prompt_mismatch": int(e["prompt_mismatch"]),
+        "reward/failures": int(e["reward_failures"]), "samples": int(e["samples"]),
+        "samples/empty_skipped": int(e["empty_responses"]),
+        "samples/vision_token_skipped": int(e["vision_token_responses"]), "rollout/extra_rounds": int(e["extra_rounds"]),
+        "tokens_per_s": (e["prompt_tokens"] + e["response_tokens"]) / max(step_time, 1e-9),
+        "time/rollout": stats.time_generate, "time/reward": stats.time_reward,
+        "time/logprobs": t["logprobs"] - t["rollout"], "time/train": t["train"] - t["logprobs"],
+        "time/sync": t["sync"] - t["train"], "time/step": step_time,
+        "loss/per_update": [u["loss"] / max(u["count"], 1.0) for u in per_update],
+        "grad_norm/per_update": [u.grad_norm for u in updates],
+        "skipped_steps": skipped_total, "step_skipped": any(u.skipped for u in updates),
+    }
