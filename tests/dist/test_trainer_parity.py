@@ -136,3 +136,45 @@ def test_loss_and_gradient_match_float64_transformers(recorded):
     assert abs(res["megatron_loss"] - res["reference_loss"]) <= 1e-5 * abs(res["reference_loss"]), res
     for name, err in res["grad_rel_err"].items():
         assert err <= 1e-4, (name, res)
+
+
+def _poisoned_replay(recorded, name, steps):
+    """A copy of the recorded rollouts whose engine log-probs are NaN at `steps` (a broken engine)."""
+    import shutil
+    root, base = recorded
+    src = [b.split("=", 1)[1] for b in base if b.startswith("rollout.replay=")][0]
+    dst = root / name
+    shutil.copytree(src, dst)
+    for step in steps:
+        path = dst / f"step_{step:06d}.dp0-of-1.pt"
+        saved = torch.load(path, weights_only=False)
+        for g in saved["groups"]:
+            g["logprobs"] = [[float("nan")] * len(lp) for lp in g["logprobs"]]
+        torch.save(saved, path)
+    return [b for b in base if not b.startswith("rollout.replay=")] + [f"rollout.replay={dst}"]
+
+
+def test_non_finite_step_is_skipped_and_counted(recorded):
+    """NaN engine log-probs under truncated importance sampling make the loss NaN: that step's
+    optimizer update is skipped and counted, and the run goes on."""
+    root, _ = recorded
+    base = _poisoned_replay(recorded, "nan_once", [2])
+    megammr_train(1, base + ["train.steps=3", f"train.output_dir={root / 'nan_once_run'}"])
+    m = read_metrics(str(root / "nan_once_run"))
+    assert [x["step_skipped"] for x in m] == [False, True, False]
+    assert [x["skipped_steps"] for x in m] == [0, 2, 2]  # both updates of step 2 were skipped
+    assert m[1]["loss"] is None  # NaN is written as null: the JSON stays valid
+
+
+def test_too_many_bad_steps_stop_the_run(recorded):
+    root, _ = recorded
+    base = _poisoned_replay(recorded, "nan_twice", [1, 2])
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+               PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.run([sys.executable, "-m", "megammr", "train", os.path.join(REPO, "recipes/tiny/phase3.yaml"),
+                        *base, "train.max_bad_steps=2", f"train.output_dir={root / 'nan_twice_run'}"],
+                       env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 3, (p.stdout + p.stderr)[-3000:]
+    assert "2 steps in a row had a non-finite loss or grad norm" in p.stderr
+    assert "Traceback" not in p.stderr
+    assert len(read_metrics(str(root / "nan_twice_run"))) == 2
