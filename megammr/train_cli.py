@@ -20,7 +20,19 @@ def _say(msg: str) -> None:
         print(f"megammr train: error: {msg}", file=sys.stderr, flush=True)
 
 
+def _quiet_cpu_warnings() -> None:
+    """megatron-core warns at import, once per module, that TE/Apex are absent: expected on CPU
+    (the local spec and torch fallbacks are what the CPU path uses), so not worth 7 lines per rank."""
+    import warnings
+    for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed",
+                "full scope is deprecated"):
+        warnings.filterwarnings("ignore", message=f".*{msg}.*")
+
+
 def run(args) -> int:
+    import torch
+    if not torch.cuda.is_available():
+        _quiet_cpu_warnings()
     from megammr.config import RecipeError, load_recipe
     from megammr.data.loader import DataConfigError, DataStateError
     from megammr.models.mapping import CheckpointError

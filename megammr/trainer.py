@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import time
 
 import torch
@@ -66,6 +67,7 @@ def attach_logprobs(parts: setup.Parts, minis) -> None:
 
 def train(recipe: Recipe) -> dict:
     """Run one phase; returns the last step's metrics (on rank 0)."""
+    setup.check_recipe(recipe, runtime.dist_env_from(os.environ).world_size, torch.cuda.is_available())
     rt = runtime.init(recipe)
     r, parts, log = recipe, None, None
     skipped_total, bad_in_row, last = 0, 0, {}

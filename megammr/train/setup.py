@@ -17,6 +17,10 @@ from megammr.config import Recipe, RecipeError, RolloutConfig
 def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
     """Raise RecipeError for a field this run cannot honour; return the rollout engine's name."""
     errors = []
+    mp = r.parallel.tp * r.parallel.pp * r.parallel.cp
+    if world_size % mp:
+        errors.append(f"world size {world_size} is not divisible by parallel.tp x pp x cp = {mp} "
+                      f"(launch tp*pp*cp*dp processes, e.g. torchrun --nproc-per-node {mp})")
     if r.parallel.cp > 1:
         errors.append("parallel.cp > 1: context parallelism is not supported by the trainer (use tp/pp)")
     if r.parallel.sequence_parallel:
@@ -37,7 +41,7 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
         if getattr(r.rollout, name) != getattr(defaults, name):
             errors.append(f"rollout.{name} is a vLLM setting: the transformers engine cannot honour it "
                           f"(remove it or set rollout.engine=vllm)")
-    dp = world_size // (r.parallel.tp * r.parallel.pp * r.parallel.cp) if world_size else 1
+    dp = max(1, world_size // mp)
     if r.train.prompts_per_step % max(dp, 1):
         errors.append(f"train.prompts_per_step={r.train.prompts_per_step} does not split over {dp} data-parallel "
                       "ranks (each rank owns whole prompt groups)")
@@ -58,7 +62,8 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
                 errors.append(f"rollout.replay {r.rollout.replay}: no saved rollouts for steps {missing[:5]}"
                               f"{' ...' if len(missing) > 5 else ''} (train.steps={r.train.steps})")
     if errors:
-        raise RecipeError("; ".join(errors))
+        raise RecipeError(errors[0] if len(errors) == 1 else
+                          f"{len(errors)} problems with the recipe:\n  - " + "\n  - ".join(errors))
     return engine
 
 
@@ -149,7 +154,6 @@ def build(r: Recipe, rt) -> Parts:
     from megammr.train.experience import Experience
     from megammr.train.sync import WeightSync
 
-    check_recipe(r, rt.env.world_size, torch.cuda.is_available())
     with open(os.path.join(r.model.hf_path, "config.json")) as f:
         bb = Backbone.from_hf_config(json.load(f), name=r.model.backbone)
     module = build_policy(r, bb)
