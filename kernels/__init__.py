@@ -9,6 +9,9 @@ Public API (every function picks Triton on CUDA tensors and the chunked torch pa
     grpo_loss(logp, old_logp, advantages, mask, *, ref_logp, rollout_logp, entropy, ...)
     aggregation_weights(mask, loss_agg, seq_ids, normalizer)
 
+Under torch.no_grad() (or for logits that do not require grad) logprobs_from_logits builds no
+autograd node: the extra memory is two fp32 row chunks (reference.chunk_rows) and [T] vectors.
+
 The float64 ground truth used by the tests is in megammr.kernels.reference (naive_*).
 """
 from .hidden import logprobs_from_hidden

@@ -4,6 +4,11 @@ One autograd Function serves both backends (Triton on CUDA, the chunked torch pa
 and both layouts: a backend computes per-row statistics of its [T, V_local] block, they are
 combined over the tensor-parallel group with [T]-sized all-reduces (combine_stats), and the
 backward is purely local given the global log-sum-exp and entropy, so it needs no communication.
+
+When no gradient can flow (torch.no_grad(), or logits that do not require grad: the old- and
+reference-policy passes) the autograd Function is skipped and the statistics are taken straight
+from the logits as they are: no contiguous copy, no reshape copy on the torch path, nothing
+saved, so the extra memory is the chunked path's two work buffers and [T]-sized vectors.
 """
 from __future__ import annotations
 
@@ -81,6 +86,40 @@ def forward_outputs(ctx, logp, ent, with_entropy: bool, out_shape):
         return logp.view(out_shape), ent
     return logp.view(out_shape), ent.view(out_shape)
 
+
+def _torch_stats_nd(logits, lab, inv_t, with_entropy):
+    """reference.torch_stats of logits [..., V] taken as rows, without the copy that reshape makes
+    of a layout rows cannot view (a slice such as logits[:, :-1]): such a tensor is split along
+    its first dimension, each part a run of consecutive rows (and of `lab`)."""
+    vocab = logits.shape[-1]
+    try:
+        x = logits.view(-1, vocab)
+    except RuntimeError:
+        per = lab.numel() // logits.shape[0]
+        parts = [_torch_stats_nd(logits[i], lab[i * per:(i + 1) * per], inv_t, with_entropy)
+                 for i in range(logits.shape[0])]
+        return tuple(torch.cat(p) for p in zip(*parts))
+    return reference.torch_stats(x, lab, inv_t, with_entropy)
+
+
+def _forward_only(logits, labels, temperature, with_entropy, ignore_index, group, backend, block_v):
+    """(logp, entropy or None) with nothing kept for a backward: the no-grad path."""
+    vocab = logits.shape[-1]
+    lab, valid = _shard_labels(labels.reshape(-1).long(), vocab, ignore_index, group)
+    inv_t = 1.0 / temperature
+    if backend == "triton":
+        x = logits.reshape(-1, vocab)
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        from . import triton_logprobs
+        m, s, w, zy = triton_logprobs.stats(x, lab, inv_t, with_entropy, block_v=block_v)
+    else:
+        m, s, w, zy = _torch_stats_nd(logits, lab, inv_t, with_entropy)
+    lse, ent, zy = combine_stats(m, s, w, zy, group)
+    logp = torch.where(valid, zy - lse, torch.zeros_like(lse))
+    return logp.view(labels.shape), (ent.view(labels.shape) if with_entropy else None)
+
+
 class _LogProbs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, labels, temperature, with_entropy, ignore_index, inplace_backward, group, backend,
@@ -129,12 +168,18 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     gradient costs no extra [T, V] memory); use it only when nothing else needs the logits after
     this loss, as with the output of the LM head. group: the tensor-parallel group when logits
     are the vocab shard [..., V/tp] of rank r (columns r*V/tp ...); labels stay global ids.
+    Under torch.no_grad() (or for logits that do not require grad) no autograd node is built and
+    the extra memory is two fp32 chunks of rows (reference.chunk_rows) plus [T]-sized vectors.
     """
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     backend = resolve_backend(backend, logits.device)
+    if not (torch.is_grad_enabled() and logits.requires_grad):
+        logp, ent = _forward_only(logits, labels, float(temperature), bool(return_entropy), int(ignore_index),
+                                  group, backend, block_v)
+        return (logp, ent) if return_entropy else logp
     logp, ent = _LogProbs.apply(logits, labels, float(temperature), bool(return_entropy), int(ignore_index),
                                 bool(inplace_backward), group, backend, block_v)
     return (logp, ent) if return_entropy else logp

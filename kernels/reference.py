@@ -7,6 +7,8 @@ Two kinds of code live here:
 * `torch_stats` / `torch_grad`: the chunked path used on machines without a GPU. They are
   the same per-row math as the Triton kernels in triton_logprobs.py, processed a few rows at a
   time so that no fp32 copy of the whole [T, V] logits ever exists (only a chunk of rows).
+  torch_stats (the whole of a no-grad pass) works in two fp32 [rows, V] buffers allocated once
+  per call, so its extra memory is 2 x chunk bytes plus [T]-sized vectors.
 
 The per-row statistics that both backends produce, for z = logits / temperature:
     m  = max_j z_j
@@ -20,13 +22,20 @@ from __future__ import annotations
 
 import torch
 
-# Rows per chunk are chosen so that one fp32 [rows, V] temporary stays near this size; the
-# chunked path holds about three of them at once.
+# Rows per chunk are chosen so that one fp32 [rows, V] temporary stays within a byte budget:
+# CHUNK_BYTES, or 1/CHUNK_FRACTION of the matrix in fp32 when that is smaller (but never below
+# MIN_CHUNK_BYTES), so that the extra memory is a small fraction of the logits at every size.
+# torch_stats holds two such buffers, torch_grad about three temporaries.
 CHUNK_BYTES = 32 * 2**20
+CHUNK_FRACTION = 64
+MIN_CHUNK_BYTES = 2**20
 
 
 def chunk_rows(n_rows: int, vocab: int, budget: int | None = None) -> int:
-    return max(1, min(n_rows, (budget or CHUNK_BYTES) // (4 * max(vocab, 1))))
+    vocab = max(vocab, 1)
+    if budget is None:
+        budget = min(CHUNK_BYTES, max(MIN_CHUNK_BYTES, 4 * n_rows * vocab // CHUNK_FRACTION))
+    return max(1, min(n_rows, budget // (4 * vocab)))
 
 
 # --------------------------------------------------------------------------- float64 truth
@@ -64,26 +73,42 @@ def torch_stats(x: torch.Tensor, labels: torch.Tensor, inv_temp: float, with_ent
     """Row statistics (m, s, w, zy) of a [T, V] logits matrix, a chunk of rows at a time.
 
     `labels` are shard-local column indices, -1 where the row has no label on this shard.
+    x may have any strides (a chunk is read once into the fp32 work buffer). All [rows, V]
+    work happens in two fp32 buffers allocated once for the whole call (a single allocation,
+    reused by every chunk, so nothing churns through the allocator): zb holds z = x / temperature,
+    then z - m in place; pb holds exp(z - m), then its product with z - m in place. For fp32
+    logits at temperature 1, z is the logits themselves and zb only receives z - m.
     """
     n, vocab = x.shape
     f32 = dict(dtype=torch.float32, device=x.device)
     m, s, w, zy = (torch.empty(n, **f32) for _ in range(4))
     step = chunk_rows(n, vocab)
+    buf = torch.empty(2, min(step, n), vocab, **f32)
+    fp32 = x.dtype == torch.float32
     for a in range(0, n, step):
         b = min(n, a + step)
-        z = x[a:b].float()
-        z = z * inv_temp if inv_temp != 1.0 else z
-        mc = z.amax(-1)
-        d = z - mc[:, None]
-        p = d.exp()
-        s[a:b] = p.sum(-1)
-        if with_entropy:
-            # exp(-inf) * (-inf) is nan: a masked-out vocabulary entry contributes nothing.
-            w[a:b] = p.mul_(d).masked_fill_(d == float("-inf"), 0.0).sum(-1)
-        m[a:b] = mc
+        xc, zb, pb = x[a:b], buf[0, :b - a], buf[1, :b - a]
+        in_buf = not (fp32 and inv_temp == 1.0)
+        if not in_buf:
+            z = xc
+        elif fp32:
+            z = torch.mul(xc, inv_temp, out=zb)
+        else:
+            z = zb.copy_(xc)  # exact widening, then the same fp32 scaling as x.float() * inv_temp
+            if inv_temp != 1.0:
+                z.mul_(inv_temp)
+        mc = torch.amax(z, -1, out=m[a:b])
         lab = labels[a:b]
         got = z.gather(1, lab.clamp(min=0)[:, None]).squeeze(1)
         zy[a:b] = torch.where(lab >= 0, got, torch.zeros_like(got))
+        d = z.sub_(mc[:, None]) if in_buf else torch.sub(z, mc[:, None], out=zb)
+        p = torch.exp(d, out=pb)
+        torch.sum(p, -1, out=s[a:b])
+        if with_entropy:
+            # exp(-inf) * (-inf) is nan: a masked-out vocabulary entry contributes nothing. It is
+            # the only nan p * d can hold unless d itself is nan, and then s (hence lse and the
+            # entropy) is nan whatever w is; nan_to_num_ zeroes it in place, without a mask.
+            torch.sum(p.mul_(d).nan_to_num_(nan=0.0, posinf=float("inf"), neginf=float("-inf")), -1, out=w[a:b])
     if not with_entropy:
         w.zero_()
     return m, s, w, zy

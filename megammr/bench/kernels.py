@@ -5,9 +5,16 @@ backward down to dlogits, at T=4096, V=151936, fp32, each variant in a fresh pro
     naive      log_softmax + gather, entropy from softmax, the loss in torch ops, autograd
     ours       megammr.kernels (chunked torch path on CPU) with inplace_backward
     ours-oop   the same with the gradient in a new buffer (one [T, V] copy is then unavoidable)
-The child process resets the kernel's peak-RSS counter (/proc/self/clear_refs) once its inputs
-exist, and reports VmHWM - VmRSS at that point: every byte the variant allocated beyond them,
-the gradient included. Results (loss, log-probs, entropy, a slice of dlogits) are compared.
+and the forward-only passes (old- and reference-policy log-probs under torch.no_grad()) at
+temperature --temperature:
+    naive-nograd  log_softmax(logits.float() / temperature) + gather, entropy from the softmax
+    ours-nograd   megammr.kernels.logprobs_from_logits(..., return_entropy=True)
+The child process first runs its variant once on a few rows (so that one-time first-call costs,
+libtorch code paged in, are not counted), resets the kernel's peak-RSS counter
+(/proc/self/clear_refs) once its inputs exist, and reports VmHWM - VmRSS at that point: every
+byte the variant allocated beyond them, the gradient included. Results are compared with the
+naive variant of the same mode: loss, log-probs, entropy and a slice of dlogits for training,
+log-probs and entropy for the -nograd pair.
 
 GPU (only when CUDA is present): median ms by triton.testing.do_bench, achieved GB/s and its
 fraction of the measured copy bandwidth for the from-logits kernels, TFLOP/s and fraction of the
@@ -27,7 +34,8 @@ import time
 
 import torch
 
-CPU_VARIANTS = ("naive", "ours", "ours-oop")
+CPU_VARIANTS = ("naive", "ours", "ours-oop", "naive-nograd", "ours-nograd")
+NOGRAD_SUFFIX = "-nograd"
 LOSS_CFG = dict(clip_low=0.2, clip_high=0.28, kl_coef=1e-3, kl_estimator="k3", entropy_coef=1e-3)
 
 
@@ -39,6 +47,16 @@ def _positive_int(text: str) -> int:
     if n < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {n}")
     return n
+
+
+def _positive_float(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}") from None
+    if not x > 0 or x == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {x}")
+    return x
 
 
 def _variants(text: str) -> str:
@@ -55,6 +73,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--vocab", "-V", type=_positive_int, default=151936, help="vocabulary size V")
     p.add_argument("--variants", type=_variants, default=",".join(CPU_VARIANTS),
                    help=f"CPU variants, comma separated (of {', '.join(CPU_VARIANTS)})")
+    p.add_argument("--temperature", type=_positive_float, default=0.7,
+                   help="sampling temperature of the forward-only (-nograd) variants (training ones use 1)")
     p.add_argument("--gpu-tokens", type=_positive_int, default=16384, help="T of the GPU benchmark")
     p.add_argument("--hidden", type=_positive_int, default=2048, help="H of the GPU from-hidden benchmark")
     p.add_argument("--skip-cpu", action="store_true", help="only the GPU part")
@@ -105,21 +125,53 @@ def _ours(logits, labels, old, ref, adv, mask, inplace):
     return loss.detach(), logp.detach(), ent.detach(), dlogits
 
 
-def _child(variant, T, V, out_path):
+def _naive_nograd(logits, labels, temperature):
+    with torch.no_grad():
+        logp_all = torch.log_softmax(logits.float() / temperature, dim=-1)
+        logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)
+        ent = -(logp_all.exp() * logp_all).sum(-1)
+    return logp, ent
+
+
+def _ours_nograd(logits, labels, temperature):
+    from megammr.kernels import logprobs_from_logits
+    with torch.no_grad():
+        return logprobs_from_logits(logits, labels, temperature, return_entropy=True)
+
+
+WARMUP_ROWS = 4
+
+
+def _run_variant(variant, inputs, temperature):
+    """(logp, entropy) of a -nograd variant; (loss, logp, entropy, dlogits) of a training one."""
+    if variant.endswith(NOGRAD_SUFFIX):
+        fn = _naive_nograd if variant == "naive-nograd" else _ours_nograd
+        return fn(inputs[0], inputs[1], temperature)
+    if variant == "naive":
+        return _naive(*inputs)
+    return _ours(*inputs, inplace=(variant == "ours"))
+
+
+def _child(variant, T, V, temperature, out_path):
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads())))
     inputs = _cpu_inputs(T, V)
     import megammr.kernels  # noqa: F401  (imports before the baseline, as for naive's torch)
     import megammr.kernels.reference  # noqa: F401
+    # The same variant once on WARMUP_ROWS rows first: one-time costs of a process's first call
+    # (libtorch code paged in on first use, about 5 MiB of file-backed RSS) are then not counted,
+    # only what every call needs. Its buffers are freed before the baseline.
+    _run_variant(variant, _cpu_inputs(WARMUP_ROWS, V, seed=1), temperature)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS: the baseline is "inputs allocated"
     base = _status()["VmRSS"]
     t0 = time.perf_counter()
-    if variant == "naive":
-        res = _naive(*inputs)
-    else:
-        res = _ours(*inputs, inplace=(variant == "ours"))
+    res = _run_variant(variant, inputs, temperature)
     secs = time.perf_counter() - t0
     peak = _status()["VmHWM"]
+    if variant.endswith(NOGRAD_SUFFIX):
+        logp, ent = res
+        torch.save(dict(logp=logp, ent=ent, extra=peak - base, base=base, secs=secs), out_path)
+        return
     loss, logp, ent, dlogits = res
     torch.save(dict(loss=loss, logp=logp, ent=ent, dlogits_rows=dlogits[:16].clone(),
                     dlogits_norm=torch.linalg.vector_norm(dlogits), extra=peak - base, base=base, secs=secs), out_path)
@@ -130,41 +182,63 @@ def _rel(a, b):
     return ((a - b).norm() / b.norm()).item()
 
 
+def _compare(r, ref):
+    """Largest relative error of a variant's results against its naive reference."""
+    errs = [_rel(r["logp"], ref["logp"]), _rel(r["ent"], ref["ent"])]
+    if "loss" in ref:
+        errs += [_rel(r["dlogits_rows"], ref["dlogits_rows"]),
+                 abs(r["loss"].item() - ref["loss"].item()) / abs(ref["loss"].item()),
+                 abs(r["dlogits_norm"].item() - ref["dlogits_norm"].item()) / ref["dlogits_norm"].item()]
+    return max(errs)
+
+
 def run_cpu(args) -> dict:
     T, V = args.tokens, args.vocab
+    temperature = getattr(args, "temperature", 0.7)
     variants = [v for v in args.variants.split(",") if v]
     input_bytes = T * V * 4
     rows, results, failed = [], {}, []
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
             path = os.path.join(tmp, f"{v}.pt")
-            cmd = [sys.executable, "-m", "megammr.bench.kernels", "--child", v, str(T), str(V), path]
+            cmd = [sys.executable, "-m", "megammr.bench.kernels", "--child", v, str(T), str(V), repr(temperature),
+                   path]
             p = subprocess.run(cmd, capture_output=True, text=True)
             if p.returncode != 0:
                 print(f"{v}: child failed (rc={p.returncode}):\n{p.stderr[-3000:]}", file=sys.stderr)
                 failed.append(v)
                 continue
             results[v] = torch.load(path)
-    if "naive" not in results:
-        print("naive variant missing: nothing to compare against", file=sys.stderr)
-    ref = results.get("naive")
     for v, r in results.items():
-        row = dict(variant=v, extra_gib=r["extra"] / 2**30, extra_over_logits=r["extra"] / input_bytes,
-                   seconds=r["secs"])
+        nograd = v.endswith(NOGRAD_SUFFIX)
+        ref_name = "naive-nograd" if nograd else "naive"
+        row = dict(variant=v, mode="forward" if nograd else "train", extra_gib=r["extra"] / 2**30,
+                   extra_over_logits=r["extra"] / input_bytes, seconds=r["secs"])
+        if nograd:
+            row["temperature"] = temperature
+        ref = results.get(ref_name)
         if ref is not None:
             row["ratio_vs_naive"] = ref["extra"] / max(r["extra"], 1)
-            row["rel_err"] = max(_rel(r["logp"], ref["logp"]), _rel(r["ent"], ref["ent"]),
-                                 _rel(r["dlogits_rows"], ref["dlogits_rows"]),
-                                 abs(r["loss"].item() - ref["loss"].item()) / abs(ref["loss"].item()),
-                                 abs(r["dlogits_norm"].item() - ref["dlogits_norm"].item()) / ref["dlogits_norm"].item())
+            row["rel_err"] = _compare(r, ref)
         rows.append(row)
-    print(f"\nCPU: extra peak memory above inputs (logits fp32 [{T}, {V}] = {input_bytes / 2**30:.2f} GiB), "
-          f"log-probs + entropy + GRPO loss, forward + backward to dlogits; fresh process per variant")
-    print(f"{'variant':10s} {'extra GiB':>10s} {'x logits':>9s} {'naive/this':>11s} {'max rel err':>12s} {'s':>7s}")
-    for r in rows:
-        print(f"{r['variant']:10s} {r['extra_gib']:10.3f} {r['extra_over_logits']:9.2f} "
-              f"{r.get('ratio_vs_naive', float('nan')):11.1f} {r.get('rel_err', float('nan')):12.2e} {r['seconds']:7.1f}")
-    return dict(T=T, V=V, dtype="fp32", rows=rows, failed=failed, machine=_machine())
+    for ref_name, nograd in (("naive", False), ("naive-nograd", True)):
+        if ref_name not in results and any(v.endswith(NOGRAD_SUFFIX) == nograd for v in variants):
+            print(f"{ref_name} variant missing: nothing to compare against", file=sys.stderr)
+    what = {"train": "log-probs + entropy + GRPO loss, forward + backward to dlogits",
+            "forward": f"log-probs + entropy under torch.no_grad(), temperature {temperature:g}"}
+    for mode in ("train", "forward"):
+        sel = [r for r in rows if r["mode"] == mode]
+        if not sel:
+            continue
+        print(f"\nCPU: extra peak memory above inputs (logits fp32 [{T}, {V}] = {input_bytes / 2**30:.2f} GiB), "
+              f"{what[mode]}; fresh process per variant")
+        print(f"{'variant':13s} {'extra GiB':>10s} {'x logits':>9s} {'naive/this':>11s} {'max rel err':>12s} "
+              f"{'s':>7s}")
+        for r in sel:
+            print(f"{r['variant']:13s} {r['extra_gib']:10.3f} {r['extra_over_logits']:9.3f} "
+                  f"{r.get('ratio_vs_naive', float('nan')):11.1f} {r.get('rel_err', float('nan')):12.2e} "
+                  f"{r['seconds']:7.1f}")
+    return dict(T=T, V=V, dtype="fp32", temperature=temperature, rows=rows, failed=failed, machine=_machine())
 
 
 # --------------------------------------------------------------------------- GPU timing
@@ -337,8 +411,8 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--child":
-        _child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])
+    if len(sys.argv) == 7 and sys.argv[1] == "--child":
+        _child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6])
     else:
         ap = argparse.ArgumentParser(prog="megammr bench kernels")
         add_arguments(ap)

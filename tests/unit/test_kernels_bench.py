@@ -14,10 +14,12 @@ def test_bench_kernels_small(tmp_path):
                         "--json", str(out)], capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
     assert p.returncode == 0, p.stdout + p.stderr
     rows = {r["variant"]: r for r in json.loads(out.read_text())["cpu"]["rows"]}
-    assert set(rows) == {"naive", "ours", "ours-oop"}
+    assert set(rows) == {"naive", "ours", "ours-oop", "naive-nograd", "ours-nograd"}
     for r in rows.values():
         assert r["rel_err"] < 1e-4 and r["extra_gib"] > 0
-    assert "extra peak memory above inputs" in p.stdout
+    assert {r["mode"] for r in rows.values()} == {"train", "forward"}
+    assert rows["ours-nograd"]["temperature"] == 0.7
+    assert "extra peak memory above inputs" in p.stdout and "under torch.no_grad()" in p.stdout
 
 
 def test_bench_kernels_rejects_bad_options(capsys, tmp_path):
@@ -25,7 +27,8 @@ def test_bench_kernels_rejects_bad_options(capsys, tmp_path):
 
     from megammr.cli import main
     for argv, needle in ((["-T", "0"], "positive integer"), (["-V", "-3"], "positive integer"),
-                         (["--variants", "naive,oops"], "unknown variant(s) oops")):
+                         (["--variants", "naive,oops"], "unknown variant(s) oops"),
+                         (["--temperature", "0"], "positive number"), (["--temperature", "x"], "positive number")):
         with pytest.raises(SystemExit) as e:
             main(["bench", "kernels", *argv])
         assert e.value.code == 2
