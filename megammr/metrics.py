@@ -42,6 +42,8 @@ def summary(m: dict, total: int, elapsed: float) -> str:
     step = m["step"]
     eta = elapsed / step * (total - step) if step else 0.0
     skipped = "  SKIPPED (non-finite)" if m.get("step_skipped") else ""
+    if m.get("groups/dropped"):
+        skipped += f"  ({m['groups/dropped']} uniform-reward groups dropped)"
     return (f"step {step}/{total} | reward {m['reward/mean']:.3f} acc {m['reward/accuracy']:.3f} "
             f"fmt {m['reward/format']:.3f} | len {m['response/length_mean']:.1f} | loss {m['loss']:.4g} "
             f"gnorm {m['grad_norm']:.3g} kl {m['kl']:.2e} | {m['time/step']:.1f} s/step, eta {eta:.0f} s{skipped}")
