@@ -11,6 +11,7 @@ TARGETS = {
     "kernels": "fused log-prob / entropy / KL / GRPO-loss kernels vs naive torch (memory; GPU: time)",
     "data": "loader throughput with image decode and preprocessing vs plain webdataset",
     "rewards": "verifications per second and latency of the reward pool",
+    "step": "one GRPO step on the tiny model: per-stage times, framework overhead, TRL GRPOTrainer side by side",
 }
 
 
