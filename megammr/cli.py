@@ -14,9 +14,10 @@ COMMANDS = {
     "version": ("megammr.version_cli", "print the package and key dependency versions"),
     "config": ("megammr.config_cli", "show a resolved recipe or the documented fields"),
     "train": ("megammr.train_cli", "run one GRPO phase of a recipe (torchrun/srun for several ranks)"),
+    "plot": ("megammr.plot", "draw reward, accuracy, format, length and KL curves of a run to PNG"),
     "score": ("megammr.rewards.score_cli", "score responses in a JSONL file with the rule-based rewards"),
     "eval": ("megammr.eval.cli", "evaluate a model on MathVista / MathVerse / MathVision / OlympiadBench"),
-    "bench": ("megammr.bench", "run a benchmark (kernels, data, rewards)"),
+    "bench": ("megammr.bench", "run a benchmark (kernels, data, rewards, step)"),
 }
 
 

@@ -143,6 +143,8 @@ class TrainConfig:
     max_tokens_per_micro_batch: Optional[int] = F(None, "Token budget of a micro-batch (rows x longest sequence, padding included); sequences are grouped by length under it. None: micro_batch_size rows.")
     max_bad_steps: int = F(3, "Steps in a row with a non-finite loss or grad norm (each skipped and counted) before the run stops with an error.")
     save_rollouts: bool = F(False, "Write every step's rollouts (token ids, engine log-probs, rewards, prompts, images) to OUTPUT_DIR/rollouts/ for replay.")
+    allow_recipe_change: bool = F(False, "Resume from a checkpoint even when the recipe differs in fields that change the result (they are listed).")
+    export_hf: bool = F(True, "At the end of the phase, also write the final weights in HF format to OUTPUT_DIR/hf (loads in transformers).")
     sync_bucket_mb: int = F(512, "Weight sync Megatron -> rollout engine: size bound of one bucket of tensors in MiB.")
 
 

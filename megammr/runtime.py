@@ -149,6 +149,10 @@ def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None, timeout_s:
             rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
         )
     from megatron.core import parallel_state as ps
+    if ps.model_parallel_is_initialized() and (ps.get_tensor_model_parallel_world_size(), 
+                                               ps.get_pipeline_model_parallel_world_size(),
+                                               ps.get_context_parallel_world_size()) != (tp, pp, cp):
+        ps.destroy_model_parallel()  # a later curriculum phase at another layout, same process group
     if not ps.model_parallel_is_initialized():
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                      context_parallel_size=cp)
@@ -163,6 +167,40 @@ def _free_port(addr: str) -> int:
         return s.getsockname()[1]
 
 
+_DIE_WITH_PARENT = False
+
+
+def forked_children_die_with_parent() -> None:
+    """Children forked from now on (the data loader's workers) get SIGKILL when this process dies.
+
+    After a kill -9 of the trainer, a loader worker blocked on a full queue would otherwise live
+    on, holding the run's files and the reward workers' pipes open. Linux only (prctl); idempotent."""
+    global _DIE_WITH_PARENT
+    if _DIE_WITH_PARENT or not hasattr(os, "register_at_fork"):
+        return
+    try:
+        import ctypes
+        import signal
+        libc = ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return
+
+    def _set():
+        libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+
+    os.register_at_fork(after_in_child=_set)
+    _DIE_WITH_PARENT = True
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
 def shutdown() -> None:
     from megatron.core import parallel_state as ps
     if ps.model_parallel_is_initialized():
@@ -171,4 +209,4 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistEnv", "Runtime", "dist_env_from", "init", "seed_everything", "shutdown"]
+__all__ = ["DistEnv", "Runtime", "barrier", "dist_env_from", "init", "is_rank0", "seed_everything", "shutdown"]

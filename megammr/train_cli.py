@@ -1,7 +1,8 @@
 """`megammr train RECIPE [key=value ...]`: one phase of GRPO (under torchrun / srun for several ranks).
 
 Exit codes: 0 done; 2 a recipe or input the run cannot honour (the message names the field);
-3 training stopped (e.g. train.max_bad_steps non-finite steps in a row).
+3 training stopped (e.g. train.max_bad_steps non-finite steps in a row); 75 preempted (SIGTERM or
+SIGUSR1): the step finished, a checkpoint was written, rerunning the command resumes.
 """
 from __future__ import annotations
 
@@ -14,10 +15,10 @@ def add_arguments(p):
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=3")
 
 
-def _say(msg: str) -> None:
+def _say(msg: str, kind: str = "error") -> None:
     # Under torchrun every rank would print the same error: rank 0 speaks for the job.
     if os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) == "0":
-        print(f"megammr train: error: {msg}", file=sys.stderr, flush=True)
+        print(f"megammr train: {kind}: {msg}", file=sys.stderr, flush=True)
 
 
 def _quiet_cpu_warnings() -> None:
@@ -29,22 +30,40 @@ def _quiet_cpu_warnings() -> None:
         warnings.filterwarnings("ignore", message=f".*{msg}.*")
 
 
+def _quiet_library_warnings() -> None:
+    """megatron-core's own use of deprecated torch.distributed.checkpoint APIs: nothing a user can act on."""
+    import warnings
+    for msg in ("`load_state_dict` is deprecated", "Please use DTensor instead", "`save_state_dict` is deprecated"):
+        warnings.filterwarnings("ignore", message=f".*{msg}.*")
+
+
 def run(args) -> int:
     import torch
     if not torch.cuda.is_available():
         _quiet_cpu_warnings()
+    _quiet_library_warnings()
+    from megammr import curriculum
     from megammr.config import RecipeError, load_recipe
     from megammr.data.loader import DataConfigError, DataStateError
     from megammr.models.mapping import CheckpointError
 
     try:
-        recipe = load_recipe(args.recipe, args.overrides)
+        if curriculum.is_curriculum(args.recipe):
+            curriculum.load(args.recipe, args.overrides)  # every phase's recipe checked up front
+            job = lambda: curriculum.run(args.recipe, args.overrides)  # noqa: E731
+        else:
+            recipe = load_recipe(args.recipe, args.overrides)
+            job = lambda: train(recipe)  # noqa: E731
     except RecipeError as e:
         _say(str(e))
         return 2
-    from megammr.trainer import TrainingError, train
+    from megammr.train.checkpoint import PREEMPTED_EXIT
+    from megammr.trainer import Preempted, TrainingError, train
     try:
-        train(recipe)
+        job()
+    except Preempted as e:
+        _say(str(e), "preempted")
+        return PREEMPTED_EXIT
     except (RecipeError, DataConfigError, DataStateError, CheckpointError) as e:
         _say(str(e))
         return 2

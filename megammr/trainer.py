@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import time
 
@@ -17,12 +18,13 @@ import torch.distributed as dist
 
 from megammr import runtime
 from megammr.algo import group_advantages
-from megammr.config import Recipe
+from megammr.config import Recipe, RecipeError, to_dict
 from megammr.metrics import MetricsLog
-from megammr.train import setup
+from megammr.train import checkpoint, setup
 from megammr.train.batching import Sample, filler_micro_batch, make_micro_batches
 from megammr.train.experience import ExperienceStats
 from megammr.train.step import SUM_KEYS, forward_logprobs, train_on
+from megammr.train.sync import export_hf
 
 
 class TrainingError(RuntimeError):
@@ -65,53 +67,97 @@ def attach_logprobs(parts: setup.Parts, minis) -> None:
                 mb.ref_logp = lp
 
 
-def train(recipe: Recipe) -> dict:
-    """Run one phase; returns the last step's metrics (on rank 0)."""
+class Preempted(RuntimeError):
+    """A stop signal arrived: the run checkpointed and exits with checkpoint.PREEMPTED_EXIT."""
+
+
+def train(recipe: Recipe, shutdown: bool = True) -> dict:
+    """Run one phase (or resume it from OUTPUT_DIR/checkpoints/latest); returns the last step's metrics."""
     setup.check_recipe(recipe, runtime.dist_env_from(os.environ).world_size, torch.cuda.is_available())
     rt = runtime.init(recipe)
-    r, parts, log = recipe, None, None
-    skipped_total, bad_in_row, last = 0, 0, {}
+    runtime.forked_children_die_with_parent()
+    r, parts, log, last = recipe, None, None, {}
     try:
+        if rt.is_main:
+            setup.prepare_tiny(recipe)
+        runtime.barrier()
         parts = setup.build(recipe, rt)
-        log = MetricsLog(r.train.output_dir, rt.is_main, r.train.steps, r.train.log_interval)
+        start, counters = resume(parts)
+        log = MetricsLog(r.train.output_dir, rt.is_main, r.train.steps, r.train.log_interval, resume_after=start - 1)
         if parts.sync:
             parts.sync.sync()  # the engine starts from exactly the trainer's weights
-        for step in range(1, r.train.steps + 1):
-            t = {"start": time.perf_counter()}
-            chunks, stats = parts.experience.collect(step)
-            t["rollout"] = time.perf_counter()
+        with checkpoint.StopRequest() as stop:
+            for step in range(start, r.train.steps + 1):
+                t = {"start": time.perf_counter()}
+                chunks, stats = parts.experience.collect(step)
+                t["rollout"] = time.perf_counter()
 
-            minis = micro_batches(parts, chunks)
-            attach_logprobs(parts, minis)
-            t["logprobs"] = time.perf_counter()
+                minis = micro_batches(parts, chunks)
+                attach_logprobs(parts, minis)
+                t["logprobs"] = time.perf_counter()
 
-            updates = [train_on(parts.model, parts.optimizer, mbs, r.algo, r.rollout.temperature) for mbs in minis]
-            for u in updates:
-                if not u.skipped:
-                    parts.scheduler.step(increment=1)
-            t["train"] = time.perf_counter()
+                updates = [train_on(parts.model, parts.optimizer, mbs, r.algo, r.rollout.temperature) for mbs in minis]
+                for u in updates:
+                    if not u.skipped:
+                        parts.scheduler.step(increment=1)
+                t["train"] = time.perf_counter()
 
-            if parts.sync:
-                parts.sync.sync()
-            t["sync"] = time.perf_counter()
+                if parts.sync:
+                    parts.sync.sync()
+                t["sync"] = time.perf_counter()
 
-            skipped = sum(u.skipped for u in updates)
-            skipped_total += skipped
-            bad_in_row = bad_in_row + 1 if skipped else 0
-            last = step_metrics(parts, step, stats, updates, t, skipped_total)
-            log.log(last)
-            if bad_in_row >= r.train.max_bad_steps:
-                raise TrainingError(f"{bad_in_row} steps in a row had a non-finite loss or grad norm "
-                                    f"(train.max_bad_steps={r.train.max_bad_steps}); stopping at step {step}. "
-                                    "Lower optim.lr, check the data, or set algo.tis_cap if the engine's "
-                                    "log-probs are suspect")
+                skipped = sum(u.skipped for u in updates)
+                counters["skipped_total"] += skipped
+                counters["bad_in_row"] = counters["bad_in_row"] + 1 if skipped else 0
+                last = step_metrics(parts, step, stats, updates, t, counters["skipped_total"])
+                log.log(last)
+                if counters["bad_in_row"] >= r.train.max_bad_steps:
+                    raise TrainingError(f"{counters['bad_in_row']} steps in a row had a non-finite loss or grad norm "
+                                        f"(train.max_bad_steps={r.train.max_bad_steps}); stopping at step {step}. "
+                                        "Lower optim.lr, check the data, or set algo.tis_cap if the engine's "
+                                        "log-probs are suspect")
+                stopping = stop.agreed()
+                if stopping or step % r.train.checkpoint_interval == 0 or step == r.train.steps:
+                    checkpoint.save(parts, step, counters, parts.experience.loader)
+                if stopping and step < r.train.steps:
+                    raise Preempted(f"{stop.signal or 'a stop signal'} at step {step}: checkpointed to "
+                                    f"{r.train.output_dir}/checkpoints; rerun the same command to resume")
+        if r.train.export_hf:
+            export_hf(parts.module, r.model.hf_path, os.path.join(r.train.output_dir, "hf"), r.train.sync_bucket_mb)
     finally:
         if log:
             log.close()
         for close in (parts.closers if parts else []):
             close()
-        runtime.shutdown()
+        if shutdown:
+            runtime.shutdown()
     return last
+
+
+def resume(parts: setup.Parts) -> tuple[int, dict]:
+    """(first step to run, counters): from OUTPUT_DIR/checkpoints/latest when there is one."""
+    r = parts.recipe
+    counters = {"skipped_total": 0, "bad_in_row": 0}
+    path = checkpoint.latest(r.train.output_dir)
+    if path is None:
+        return 1, counters
+    with open(os.path.join(path, "megammr.json")) as f:
+        saved = json.load(f)
+    changes = checkpoint.recipe_changes(saved["recipe"], to_dict(r))
+    if changes and not r.train.allow_recipe_change:
+        raise RecipeError(f"{path} was written by a different recipe; these fields change the result:\n  - "
+                          + "\n  - ".join(changes) + "\nRestore them, use another train.output_dir, or set "
+                          "train.allow_recipe_change=true")
+    meta = checkpoint.load(parts, path, parts.experience.loader)
+    say(f"resumed from {path} (step {meta['step']})" + ("" if meta["same_layout"] else
+        f": saved at {meta['layout']}, resharded to tp={r.parallel.tp} pp={r.parallel.pp}; "
+        "results from here are not bitwise those of an uninterrupted run"))
+    return meta["step"] + 1, dict(counters, **meta["counters"])
+
+
+def say(msg: str) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"megammr train: {msg}", flush=True)
 
 
 def step_metrics(parts: setup.Parts, step: int, stats: ExperienceStats, updates, t: dict, skipped_total: int) -> dict:

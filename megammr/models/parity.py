@@ -83,6 +83,8 @@ def load_mcore_checkpoint(model, ckpt_dir: str) -> None:
     stored = set(FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata.keys())
     sd = {k: v for k, v in sd.items() if not (isinstance(v, ShardedObject) and v.unique_key not in stored)}
     state = dist_checkpointing.load(sd, ckpt_dir)
+    # A trainer checkpoint also holds the optimizer's common state: this loads the model only.
+    state = {k: v for k, v in state.items() if k in sd}
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not k.endswith("_extra_state")]
     if missing or unexpected:

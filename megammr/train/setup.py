@@ -29,9 +29,9 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
     if not r.model.hf_path:
         errors.append("model.hf_path is required by the trainer (tokenizer, processor, initial weights); "
                       "tools/make_tiny_model.py writes one for the tiny backbone")
-    elif not os.path.isfile(os.path.join(r.model.hf_path, "config.json")):
+    elif not os.path.isfile(os.path.join(r.model.hf_path, "config.json")) and not preparable_tiny(r):
         errors.append(f"model.hf_path {r.model.hf_path}: no config.json there "
-                      "(for the tiny default run: python tools/make_tiny_model.py --out outputs/tiny-model)")
+                      "(tools/make_tiny_model.py writes a tiny one)")
     engine = r.rollout.engine
     if engine == "vllm":
         errors.append("rollout.engine=vllm: the vLLM engine is not part of this build yet; use 'transformers'")
@@ -67,6 +67,46 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
     return engine
 
 
+def preparable_tiny(r: Recipe) -> bool:
+    """The embedded default: a tiny backbone whose model and bundled data this run can create."""
+    return r.model.backbone == "tiny" and bool(r.model.hf_path)
+
+
+def prepare_tiny(r: Recipe, log=print) -> None:
+    """Create what the tiny default needs when absent (rank 0 only; the caller synchronises):
+    bundled data for a dataset path named phase1/2/3 (tools/make_synthetic_data.py), and at
+    model.hf_path a random tiny Qwen2.5-VL given a short supervised format warm-up on the
+    phase-1 data (megammr.models.warmup: without it a random model never writes the answer
+    format, every reward is 0 and GRPO has nothing to learn from)."""
+    import re
+    import tempfile
+
+    from megammr.data.synthetic import write_all
+
+    if not preparable_tiny(r):
+        return
+    data_roots = set()
+    for d in r.data.datasets:
+        m = re.fullmatch(r"phase([123])", os.path.basename(d.path.rstrip("/")))
+        if m and not os.path.exists(os.path.join(d.path, "megammr.json")):
+            data_roots.add(os.path.dirname(d.path.rstrip("/")) or ".")
+    need_model = not os.path.isfile(os.path.join(r.model.hf_path, "config.json"))
+    if need_model:
+        data_roots.add(os.path.join(os.path.dirname(r.model.hf_path.rstrip("/")) or ".", "data"))
+    for root in sorted(data_roots):
+        if not os.path.exists(os.path.join(root, "phase1", "megammr.json")):
+            log(f"megammr train: preparing the bundled data in {root} (tools/make_synthetic_data.py)")
+            write_all(root, progress=False)
+    if need_model:
+        from megammr.models.tiny import write_tiny_model
+        from megammr.models.warmup import format_warmup
+        root = sorted(data_roots)[-1]
+        log(f"megammr train: preparing the tiny model in {r.model.hf_path} (random, then a supervised format "
+            f"warm-up on {root}/raw/phase1.jsonl)")
+        with tempfile.TemporaryDirectory(prefix="tiny-init-") as tmp:
+            format_warmup(write_tiny_model(tmp, seed=0), r.model.hf_path, os.path.join(root, "raw", "phase1.jsonl"))
+
+
 @dataclass
 class Parts:
     recipe: Recipe
@@ -96,14 +136,19 @@ def _mp_source() -> tuple[Any, int, bool]:
     return group, src, me
 
 
-def _load_initial_weights(module, r: Recipe) -> None:
+def _load_initial_weights(module, r: Recipe, frozen: bool = False) -> None:
     from megammr.models.mapping import load_hf_into_model
     from megammr.models.parity import load_mcore_checkpoint
 
     if r.phase.init_from:
-        if not os.path.isdir(r.phase.init_from):
-            raise RecipeError(f"phase.init_from {r.phase.init_from}: no such checkpoint directory")
-        load_mcore_checkpoint(module, r.phase.init_from)
+        from megammr.train.checkpoint import resolve
+        try:
+            path = resolve(r.phase.init_from)
+        except (FileNotFoundError, RuntimeError) as e:
+            raise RecipeError(f"phase.init_from: {e} (the previous phase has not finished?)") from None
+        load_mcore_checkpoint(module, path)
+        if not frozen and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+            print(f"megammr train: {r.phase.name}: initial weights from {path}", flush=True)
     else:
         load_hf_into_model(module, r.model.hf_path)
 
@@ -116,7 +161,7 @@ def build_policy(r: Recipe, bb, frozen: bool = False):
                          freeze_vision=m.freeze_vision)
     # See megammr.train.step: megatron normalises the loss by the step's global token count.
     module.config.calculate_per_token_loss = True
-    _load_initial_weights(module, r)
+    _load_initial_weights(module, r, frozen)
     if frozen:
         module.requires_grad_(False)
         module.eval()

@@ -13,6 +13,9 @@ whatever the model size. Every data-parallel replica syncs its own engine in par
 """
 from __future__ import annotations
 
+import json
+import os
+import shutil
 import time
 from typing import Iterator, Optional
 
@@ -160,3 +163,63 @@ class WeightSync:
             off += n
         return self.engine.update_weights(tensors) or len(tensors), 0
 
+
+
+class SafetensorsWriter:
+    """A weight-sync target that writes each bucket as one safetensors shard (HF checkpoint names)
+    plus model.safetensors.index.json: the HF export of a phase, never the whole model in memory."""
+
+    def __init__(self, out_dir: str):
+        self.out_dir, self.shards, self.weight_map = out_dir, 0, {}
+        os.makedirs(out_dir, exist_ok=True)
+
+    def update_weights(self, named) -> int:
+        from safetensors.torch import save_file
+        self.shards += 1
+        fname = f"model-{self.shards:05d}.safetensors"
+        save_file({n: t.detach().contiguous().cpu() for n, t in named}, os.path.join(self.out_dir, fname),
+                  metadata={"format": "pt"})
+        for n, _ in named:
+            self.weight_map[n] = fname
+        return len(named)
+
+    def finish(self) -> None:
+        # Shard names are only known once all are written: rename to the HF -of- pattern.
+        total = self.shards
+        renames = {f"model-{i:05d}.safetensors": f"model-{i:05d}-of-{total:05d}.safetensors" for i in range(1, total + 1)}
+        for old, new in renames.items():
+            os.replace(os.path.join(self.out_dir, old), os.path.join(self.out_dir, new))
+        index = {"metadata": {}, "weight_map": {n: renames[f] for n, f in sorted(self.weight_map.items())}}
+        with open(os.path.join(self.out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=1)
+
+
+HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json", "vocab.json",
+                 "merges.txt", "special_tokens_map.json", "added_tokens.json", "chat_template.json",
+                 "chat_template.jinja", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
+
+
+def export_hf(model, src_hf_dir: str, out_dir: str, bucket_mb: int = 512) -> Optional[str]:
+    """Write the current weights of data-parallel replica 0 in HF layout to out_dir (atomically:
+    out_dir.tmp, then renamed); config, tokenizer and processor files are copied from src_hf_dir.
+    Every rank calls it; returns out_dir on global rank 0."""
+    from megatron.core import parallel_state as ps
+
+    if ps.get_data_parallel_rank() != 0:
+        return None
+    rank0 = dist.get_rank() == 0 if dist.is_initialized() else True
+    tmp = out_dir.rstrip("/") + ".tmp"
+    writer = None
+    if rank0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        writer = SafetensorsWriter(tmp)
+    WeightSync(model, writer, bucket_mb).sync()
+    if not rank0:
+        return None
+    writer.finish()
+    for name in HF_SIDE_FILES:
+        if os.path.exists(os.path.join(src_hf_dir, name)):
+            shutil.copy2(os.path.join(src_hf_dir, name), os.path.join(tmp, name))
+    shutil.rmtree(out_dir, ignore_errors=True)
+    os.replace(tmp, out_dir)
+    return out_dir

@@ -27,7 +27,13 @@ def test_defaults_without_file():
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "recipes", "**", "*.yaml"), recursive=True)))
 def test_every_shipped_recipe_loads(path):
-    load_recipe(path)
+    from megammr import curriculum
+    if curriculum.is_curriculum(path):  # recipes/<backbone>/curriculum.yaml: every phase recipe loads
+        phases = curriculum.load(path)
+        assert [p.name for p in phases] == ["phase1", "phase2", "phase3"]
+        assert phases[1].recipe.phase.init_from == phases[0].output_dir
+    else:
+        load_recipe(path)
 
 
 def test_extends_merges_sections_and_replaces_lists(tmp_path):

@@ -1,0 +1,107 @@
+"""The Infi-MMR curriculum: phases run in order, each starting from the previous phase's final weights.
+
+A curriculum file (recipes/<backbone>/curriculum.yaml) lists phase recipes (paths relative to it)
+and the run directory:
+
+    curriculum:
+      output_dir: outputs/tiny
+      phases: [phase1.yaml, phase2.yaml, phase3.yaml]
+
+`megammr train CURRICULUM [key=value ...]` runs every phase with the overrides, in
+OUTPUT_DIR/<phase.name>; phase k starts from phase k-1's final checkpoint (model weights only:
+fresh optimizer, data loader and schedule). A finished phase (OUTPUT_DIR/<name>/DONE) is skipped on
+rerun; an interrupted one resumes from its own latest checkpoint. All phases share one process
+group (no re-rendezvous between phases).
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+import yaml
+
+from megammr.config import Recipe, RecipeError, load_recipe
+
+
+@dataclass
+class Phase:
+    name: str
+    recipe: Recipe
+    output_dir: str
+
+
+def is_curriculum(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(data, dict) and "curriculum" in data
+
+
+def load(path: str, overrides: list[str] = ()) -> list[Phase]:
+    with open(path, encoding="utf-8") as f:
+        data = yaml.safe_load(f)
+    spec = data.get("curriculum")
+    extra = set(data) - {"curriculum"}
+    if not isinstance(spec, dict) or extra:
+        raise RecipeError(f"{path}: a curriculum file holds one mapping 'curriculum' "
+                          f"(output_dir, phases){'; unknown keys: ' + ', '.join(sorted(extra)) if extra else ''}")
+    unknown = set(spec) - {"output_dir", "phases"}
+    if unknown:
+        raise RecipeError(f"{path}: curriculum.{sorted(unknown)[0]}: unknown key; valid keys: output_dir, phases")
+    files = spec.get("phases")
+    if not isinstance(files, list) or not files or not all(isinstance(p, str) for p in files):
+        raise RecipeError(f"{path}: curriculum.phases must be a non-empty list of recipe paths")
+    root = spec.get("output_dir") or "outputs/curriculum"
+    for o in overrides:
+        if o.startswith("train.output_dir="):
+            root = o.split("=", 1)[1]  # the curriculum's run directory; phases live below it
+    overrides = [o for o in overrides if not o.startswith("train.output_dir=")]
+    phases, prev = [], None
+    for rel in files:
+        fpath = os.path.join(os.path.dirname(os.path.abspath(path)), rel)
+        name = load_recipe(fpath, overrides).phase.name
+        out = os.path.join(root, name)
+        init = [f"phase.init_from={prev}"] if prev else []
+        recipe = load_recipe(fpath, overrides + [f"train.output_dir={out}"] + init)
+        phases.append(Phase(name, recipe, out))
+        prev = out  # resolved to that phase's final checkpoint when the next phase starts
+    names = [p.name for p in phases]
+    if len(set(names)) != len(names):
+        raise RecipeError(f"{path}: two phases share a phase.name ({names}): they would share a directory")
+    return phases
+
+
+def done_marker(output_dir: str) -> str:
+    return os.path.join(output_dir, "DONE")
+
+
+def run(path: str, overrides: list[str] = ()) -> list[dict]:
+    """Run (or continue) every phase; returns each phase's last metrics (rank 0)."""
+    from megammr import runtime
+    from megammr.trainer import say, train
+
+    phases = load(path, overrides)
+    results = []
+    try:
+        for i, ph in enumerate(phases):
+            if os.path.exists(done_marker(ph.output_dir)):
+                say(f"phase {i + 1}/{len(phases)} {ph.name}: done already ({done_marker(ph.output_dir)}), skipped")
+                with open(done_marker(ph.output_dir)) as f:
+                    results.append(json.load(f).get("metrics", {}))
+                continue
+            say(f"phase {i + 1}/{len(phases)} {ph.name}: {ph.recipe.data.prompt_style} prompts, "
+                f"{ph.recipe.train.steps} steps -> {ph.output_dir}")
+            last = train(ph.recipe, shutdown=False)
+            results.append(last)
+            runtime.barrier()
+            if runtime.is_rank0():
+                with open(done_marker(ph.output_dir) + ".tmp", "w") as f:
+                    json.dump({"phase": ph.name, "metrics": last}, f)
+                os.replace(done_marker(ph.output_dir) + ".tmp", done_marker(ph.output_dir))
+            runtime.barrier()
+    finally:
+        runtime.shutdown()
+    return results

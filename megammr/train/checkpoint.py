@@ -1,0 +1,244 @@
+"""Checkpoints of a phase: written atomically, resumed exactly.
+
+Layout of OUTPUT_DIR/checkpoints/:
+    step_000010/            torch_dist model + optimizer (megatron dist_checkpointing: reshardable)
+        megammr.json        step, lr schedule, skipped-step counters, resolved recipe, layout
+        data_dp<R>.pt       the data loader state of data-parallel rank R (energon, exact resume)
+        rng_rank<R>.pt      every RNG state of global rank R (Python, NumPy, torch, CUDA, megatron tracker)
+    latest                  a one-line file naming the newest complete checkpoint
+
+Atomicity: everything is written into step_NNNNNN.tmp, every file is fsynced, the directory is
+renamed, and only then `latest` is replaced (write + fsync + rename). A process killed at any
+moment leaves `latest` naming a complete checkpoint; stale .tmp directories are removed by the next
+save. Older checkpoints are removed only after a save succeeded (train.keep_checkpoints newest kept).
+The rollout engine needs no state: its sampler is seeded from (seed, step, DP rank) every step.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+FORMAT = 1
+# Recipe fields that may differ on resume without changing the result.
+RESUME_FREE = {"train.output_dir", "train.checkpoint_interval", "train.keep_checkpoints",
+               "train.log_interval", "train.max_bad_steps", "train.save_rollouts", "train.sync_bucket_mb",
+               "train.allow_recipe_change", "train.export_hf", "reward.workers", "rollout.max_batch_sequences",
+               "parallel.tp", "parallel.pp", "phase.init_from"}
+
+
+def _fsync_tree(path: str) -> None:
+    for root, dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(root)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _barrier():
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def rng_state() -> dict:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "tracker": get_cuda_rng_tracker().get_states()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def latest(output_dir: str) -> Optional[str]:
+    """The newest complete checkpoint of a run directory, or None."""
+    pointer = os.path.join(output_dir, "checkpoints", "latest")
+    if not os.path.isfile(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(output_dir, "checkpoints", name)
+    if not os.path.isfile(os.path.join(path, "megammr.json")):
+        raise RuntimeError(f"{pointer} names {name}, which is not a complete checkpoint (removed by hand?)")
+    return path
+
+
+def resolve(path: str) -> str:
+    """A checkpoint directory (ours or tools/convert_checkpoint.py's), a `checkpoints/latest` file,
+    a run's `checkpoints/` directory or a run directory -> the checkpoint directory."""
+    p = path.rstrip("/")
+    if os.path.isfile(os.path.join(p, "megammr.json")) or os.path.isfile(os.path.join(p, "metadata.json")):
+        return p
+    run = None
+    if os.path.basename(p) == "latest" and os.path.isfile(p):
+        run = os.path.dirname(os.path.dirname(p))
+    elif os.path.basename(p) == "checkpoints" and os.path.isdir(p):
+        run = os.path.dirname(p)
+    elif os.path.isdir(os.path.join(p, "checkpoints")):
+        run = p
+    found = latest(run) if run is not None else None
+    if found is None:
+        raise FileNotFoundError(f"{path}: no checkpoint there (expected a checkpoint directory, a run's "
+                                "checkpoints/latest, or a run directory that has one)")
+    return found
+
+
+def save(parts, step: int, counters: dict, loader) -> str:
+    """Write checkpoint `step` of this run (every rank calls it); return its directory."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    from megammr.config import to_dict
+
+    r = parts.recipe
+    root = os.path.join(r.train.output_dir, "checkpoints")
+    name = f"step_{step:06d}"
+    final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    if rank == 0:
+        os.makedirs(root, exist_ok=True)
+        for stale in os.listdir(root):  # a save killed half-way; never the pointer's target
+            if stale.endswith(".tmp"):
+                shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
+        os.makedirs(tmp)
+    _barrier()
+    model_sd = parts.module.sharded_state_dict()
+    dist_checkpointing.save({"model": model_sd, "optimizer": parts.optimizer.sharded_state_dict(model_sd)}, tmp)
+    torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
+    if loader is not None:
+        torch.save(loader.state_dict(), os.path.join(tmp, f"data_dp{ps.get_data_parallel_rank()}.pt"))
+    if rank == 0:
+        meta = {"format": FORMAT, "step": step, "scheduler": parts.scheduler.state_dict(), "counters": counters,
+                "recipe": to_dict(r), "layout": {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
+                                                 "tp": r.parallel.tp, "pp": r.parallel.pp}}
+        with open(os.path.join(tmp, "megammr.json"), "w") as f:
+            json.dump(meta, f, indent=1, default=str)
+    _barrier()
+    if rank == 0:
+        _fsync_tree(tmp)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        pointer = os.path.join(root, "latest")
+        with open(pointer + ".tmp", "w") as f:
+            f.write(name + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(pointer + ".tmp", pointer)
+        _fsync_dir(root)
+        done = sorted(d for d in os.listdir(root) if d.startswith("step_") and not d.endswith(".tmp"))
+        for old in done[:-r.train.keep_checkpoints]:
+            if old != name:
+                shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    _barrier()
+    return final
+
+
+def recipe_changes(saved: dict, now: dict) -> list[str]:
+    """Dotted fields whose value differs and that change the result (RESUME_FREE excluded)."""
+    out = []
+
+    def walk(a, b, prefix):
+        for k in sorted(set(a) | set(b)):
+            key = f"{prefix}{k}"
+            va, vb = a.get(k), b.get(k)
+            if isinstance(va, dict) and isinstance(vb, dict):
+                walk(va, vb, key + ".")
+            elif va != vb and key not in RESUME_FREE:
+                out.append(f"{key}: checkpoint {va!r}, now {vb!r}")
+    walk(saved, now, "")
+    return out
+
+
+def load(parts, path: str, loader) -> dict:
+    """Restore model, optimizer, schedule, data and RNG state from `path`; returns its metadata."""
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+
+    with open(os.path.join(path, "megammr.json")) as f:
+        meta = json.load(f)
+    if meta.get("format") != FORMAT:
+        raise RuntimeError(f"{path}: checkpoint format {meta.get('format')!r}, this build reads {FORMAT}")
+    model_sd = parts.module.sharded_state_dict()
+    opt_sd = parts.optimizer.sharded_state_dict(model_sd, is_loading=True)
+    state = dist_checkpointing.load({"model": model_sd, "optimizer": opt_sd}, path)
+    parts.module.load_state_dict(state["model"], strict=False)
+    parts.optimizer.load_state_dict(state["optimizer"])
+    parts.scheduler.load_state_dict(meta["scheduler"])
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    same_layout = meta["layout"] == {"world_size": world, "tp": parts.recipe.parallel.tp, "pp": parts.recipe.parallel.pp}
+    if same_layout:
+        set_rng_state(torch.load(os.path.join(path, f"rng_rank{rank}.pt"), weights_only=False))
+    if loader is not None:
+        data = os.path.join(path, f"data_dp{ps.get_data_parallel_rank()}.pt")
+        if os.path.exists(data):
+            loader.load_state_dict(torch.load(data, weights_only=False))
+    meta["same_layout"] = same_layout
+    return meta
+
+
+PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the Slurm scripts requeue on it (any other non-zero exit is a failure)
+
+
+class StopRequest:
+    """SIGTERM / SIGUSR1 ask the loop to finish its step, checkpoint and exit with PREEMPTED_EXIT.
+
+    The handler only sets a flag, so a second signal during the checkpoint changes nothing. Ranks
+    agree once per step with one all-reduce (a signal may reach the ranks at different times)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self):
+        self.flag, self.signal, self._old = False, None, {}
+
+    def __enter__(self):
+        import signal
+        for name in self.SIGNALS:
+            sig = getattr(signal, name)
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        import signal
+        self.flag, self.signal = True, signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        import signal
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+    def agreed(self) -> bool:
+        x = torch.tensor([1.0 if self.flag else 0.0])
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            if torch.cuda.is_available():
+                x = x.cuda()
+            dist.all_reduce(x, op=dist.ReduceOp.MAX)
+        return bool(x.item() > 0)

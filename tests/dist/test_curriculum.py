@@ -1,0 +1,87 @@
+"""The tiny curriculum end to end, as a new user runs it: `megammr train recipes/tiny/curriculum.yaml`
+in an empty directory prepares the bundled data and the (format-warmed) tiny model, runs the three
+phases with each starting from the previous one's final weights, exports each phase in HF format,
+and a rerun skips the finished phases. `megammr plot` draws the curves. Shortened to 2 steps per
+phase (the README's full run and its figures are in BENCHMARKS.md)."""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO
+
+pytestmark = pytest.mark.dist
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
+           PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+SHORT = ["train.steps=2", "data.num_workers=0"]
+
+
+def megammr(args, cwd):
+    p = subprocess.run([sys.executable, "-m", "megammr", *args], env=ENV, capture_output=True, text=True,
+                       timeout=1200, cwd=cwd)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-5000:]
+    return p.stdout + p.stderr
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    work = tmp_path_factory.mktemp("fresh")  # nothing there: the run prepares data and model
+    log = megammr(["train", os.path.join(REPO, "recipes/tiny/curriculum.yaml"), *SHORT], work)
+    return work, log
+
+
+def test_three_phases_chain_and_export(run_dir):
+    work, log = run_dir
+    assert "preparing the bundled data" in log and "preparing the tiny model" in log
+    for i, name in enumerate(("phase1", "phase2", "phase3")):
+        out = work / "outputs" / "tiny" / name
+        assert (out / "DONE").exists() and (out / "checkpoints" / "latest").exists()
+        assert f"phase {i + 1}/3 {name}" in log
+        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def test_exports_load_in_transformers_and_generate(run_dir):
+    import torch
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from megammr.models.processor import load_processor
+    work, _ = run_dir
+    for name in ("phase1", "phase3"):
+        hf = work / "outputs" / "tiny" / name / "hf"
+        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32)
+        tok = load_processor(str(hf)).tokenizer
+        ids = tok("Compute 2 + 3.", return_tensors="pt").input_ids
+        out = model.generate(ids, max_new_tokens=4, do_sample=False)
+        assert out.shape[1] == ids.shape[1] + 4 or out.shape[1] > ids.shape[1]
+    # phase 1 trained the warmed model (its format rate gives the groups reward variance)
+    from megammr.models.mapping import HFReader
+    start, end = HFReader(str(work / "outputs/tiny-warm-model")), HFReader(str(work / "outputs/tiny/phase1/hf"))
+    assert set(start.files) == set(end.files)
+    assert any(not torch.equal(start.get(k), end.get(k)) for k in start.files)
+
+
+def test_each_phase_starts_from_the_previous_final_checkpoint(run_dir):
+    work, log = run_dir
+    for prev, name in (("phase1", "phase2"), ("phase2", "phase3")):
+        final = work / "outputs" / "tiny" / prev / "checkpoints" / "step_000002"
+        assert f"{name}: initial weights from {final}" in log
+
+
+def test_rerun_skips_finished_phases(run_dir):
+    work, _ = run_dir
+    log = megammr(["train", os.path.join(REPO, "recipes/tiny/curriculum.yaml"), *SHORT], work)
+    assert log.count("done already") == 3 and "step 1/2" not in log
+
+
+def test_plot_writes_a_non_blank_png(run_dir):
+    import numpy as np
+    from PIL import Image
+    work, _ = run_dir
+    log = megammr(["plot", str(work / "outputs" / "tiny")], work)
+    png = work / "outputs" / "tiny" / "curves.png"
+    assert png.exists() and "phase3" in log
+    img = np.asarray(Image.open(png).convert("L"))
+    assert img.shape[0] > 300 and img.shape[1] > 300
+    assert (img < 128).mean() > 0.005  # axes, ticks, curves: not a blank canvas
+    assert len(np.unique(img)) > 10
