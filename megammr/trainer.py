@@ -19,11 +19,10 @@ import torch.distributed as dist
 from megammr import runtime
 from megammr.algo import group_advantages
 from megammr.config import Recipe, RecipeError, to_dict
-from megammr.metrics import MetricsLog
+from megammr.metrics import MetricsLog, step_metrics
 from megammr.train import checkpoint, setup
 from megammr.train.batching import Sample, filler_micro_batch, make_micro_batches
-from megammr.train.experience import ExperienceStats
-from megammr.train.step import SUM_KEYS, forward_logprobs, train_on
+from megammr.train.step import forward_logprobs, train_on
 from megammr.train.sync import export_hf
 
 
@@ -158,56 +157,3 @@ def resume(parts: setup.Parts) -> tuple[int, dict]:
 def say(msg: str) -> None:
     if not dist.is_initialized() or dist.get_rank() == 0:
         print(f"megammr train: {msg}", flush=True)
-
-
-def step_metrics(parts: setup.Parts, step: int, stats: ExperienceStats, updates, t: dict, skipped_total: int) -> dict:
-    """Reduce this step's numbers over all ranks with one all-reduce; every rank gets the result.
-
-    Experience sums come from each model-parallel source rank (one per DP rank); loss sums from
-    tensor rank 0 of each last pipeline stage; so each contribution is counted exactly once.
-    """
-    from megatron.core import parallel_state as ps
-
-    exp_keys = [f for f in vars(ExperienceStats()) if f not in ("time_generate", "time_reward")]
-    is_src = parts.experience.is_src
-    owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-    vec = [float(getattr(stats, k)) if is_src else 0.0 for k in exp_keys]
-    for u in updates:
-        vec += [u.sums[k] if owner else 0.0 for k in SUM_KEYS]
-    x = torch.tensor(vec, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        x = x.to(dev)
-        dist.all_reduce(x)
-        x = x.cpu()
-    e = dict(zip(exp_keys, x[:len(exp_keys)].tolist()))
-    per_update = [dict(zip(SUM_KEYS, x[len(exp_keys) + i * len(SUM_KEYS):][:len(SUM_KEYS)].tolist()))
-                  for i in range(len(updates))]
-    tok = sum(u["tokens"] for u in per_update) or 1.0
-    n = e["samples"] or 1.0
-
-    def mean_over_tokens(key):
-        return sum(u[key] for u in per_update) / tok
-
-    step_time = t["sync"] - t["start"]
-    return {
-        "step": step,
-        "reward/mean": e["reward"] / n, "reward/accuracy": e["accuracy"] / n, "reward/format": e["format"] / n,
-        "response/length_mean": e["response_tokens"] / n, "response/clip_frac": e["truncated"] / n,
-        "loss": sum(u["loss"] / max(u["count"], 1.0) for u in per_update) / len(per_update),
-        "grad_norm": sum(u.grad_norm for u in updates) / len(updates),
-        "lr": parts.optimizer.param_groups[0]["lr"],
-        "kl": mean_over_tokens("kl"), "entropy": mean_over_tokens("entropy"),
-        "policy/clip_frac": mean_over_tokens("clip"), "logp_diff/rollout_vs_train": mean_over_tokens("logp_diff"),
-        "groups/dropped": int(e["groups_dropped"]), "groups/prompt_mismatch": int(e["prompt_mismatch"]),
-        "reward/failures": int(e["reward_failures"]), "samples": int(e["samples"]),
-        "samples/empty_skipped": int(e["empty_responses"]),
-        "samples/vision_token_skipped": int(e["vision_token_responses"]), "rollout/extra_rounds": int(e["extra_rounds"]),
-        "tokens_per_s": (e["prompt_tokens"] + e["response_tokens"]) / max(step_time, 1e-9),
-        "time/rollout": stats.time_generate, "time/reward": stats.time_reward,
-        "time/logprobs": t["logprobs"] - t["rollout"], "time/train": t["train"] - t["logprobs"],
-        "time/sync": t["sync"] - t["train"], "time/step": step_time,
-        "loss/per_update": [u["loss"] / max(u["count"], 1.0) for u in per_update],
-        "grad_norm/per_update": [u.grad_norm for u in updates],
-        "skipped_steps": skipped_total, "step_skipped": any(u.skipped for u in updates),
-    }
