@@ -5,6 +5,7 @@ for megatron-core (megammr.megatron_cpu) is applied before anything from megatro
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import os
@@ -168,10 +169,15 @@ def _free_port(addr: str) -> int:
 
 
 _DIE_WITH_PARENT = False
+# Slurm delivers a job's signals (srun's forwarding, scancel, the time limit) to every process of a
+# step, not only to the trainer. The trainer acts on these (finish the step, checkpoint, exit 75);
+# its helper processes must not die of them mid-step or mid-checkpoint. They end with the trainer instead.
+STOP_SIGNALS = ("SIGTERM", "SIGUSR1")
 
 
 def forked_children_die_with_parent() -> None:
-    """Children forked from now on (the data loader's workers) get SIGKILL when this process dies.
+    """Children forked from now on (data-loader workers, checkpoint writers) get SIGKILL when this
+    process dies, and ignore the stop signals (STOP_SIGNALS: the trainer's to handle).
 
     After a kill -9 of the trainer, a loader worker blocked on a full queue would otherwise live
     on, holding the run's files and the reward workers' pipes open. Linux only (prctl); idempotent."""
@@ -187,9 +193,26 @@ def forked_children_die_with_parent() -> None:
 
     def _set():
         libc.prctl(1, int(signal.SIGKILL))  # PR_SET_PDEATHSIG
+        for name in STOP_SIGNALS:
+            signal.signal(getattr(signal, name), signal.SIG_IGN)
 
     os.register_at_fork(after_in_child=_set)
     _DIE_WITH_PARENT = True
+
+
+@contextlib.contextmanager
+def stop_signals_blocked():
+    """Processes started (fork + exec) inside have STOP_SIGNALS blocked for life: a blocked mask,
+    unlike a handler, survives exec. For helper processes whose start this code does not control.
+    Blocked, not ignored, here: a stop signal that arrives meanwhile is delivered afterwards (or to
+    another thread, whose C handler flags it for the main thread), never lost."""
+    import signal
+    sigs = {getattr(signal, name) for name in STOP_SIGNALS}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def barrier() -> None:

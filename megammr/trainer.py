@@ -75,10 +75,12 @@ def train(recipe: Recipe, shutdown: bool = True) -> dict:
     setup.check_recipe(recipe, runtime.dist_env_from(os.environ).world_size, torch.cuda.is_available())
     rt = runtime.init(recipe)
     runtime.forked_children_die_with_parent()
+    checkpoint.start_writer()
     r, parts, log, last = recipe, None, None, {}
     try:
         if rt.is_main:
             setup.prepare_tiny(recipe)
+            checkpoint.clear_preempted(r.train.output_dir)
         runtime.barrier()
         parts = setup.build(recipe, rt)
         start, counters = resume(parts)
@@ -119,10 +121,12 @@ def train(recipe: Recipe, shutdown: bool = True) -> dict:
                 if stopping or step % r.train.checkpoint_interval == 0 or step == r.train.steps:
                     checkpoint.save(parts, step, counters, parts.experience.loader)
                 if stopping and step < r.train.steps:
+                    if rt.is_main:
+                        checkpoint.mark_preempted(r.train.output_dir, step, stop.signal)
                     raise Preempted(f"{stop.signal or 'a stop signal'} at step {step}: checkpointed to "
                                     f"{r.train.output_dir}/checkpoints; rerun the same command to resume")
-        if r.train.export_hf:
-            export_hf(parts.module, r.model.hf_path, os.path.join(r.train.output_dir, "hf"), r.train.sync_bucket_mb)
+            if r.train.export_hf:  # still under StopRequest: a late signal must not kill the export
+                export_hf(parts.module, r.model.hf_path, os.path.join(r.train.output_dir, "hf"), r.train.sync_bucket_mb)
     finally:
         if log:
             log.close()

@@ -39,7 +39,10 @@ _STARTUP_LIMIT_S = 120.0  # a worker that cannot import math-verify in this long
 
 def _worker_main(conn_in, conn_out, weights: Weights, memory_mb: int):
     """Verifier process: import and warm up, say ready, then score items until told to stop."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle
+    # Ctrl-C and the stop signals (Slurm sends them to every process of a step) are the trainer's
+    # to handle; a worker ends when its pipe closes or is killed (SIGKILL) on a timeout.
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(sig, signal.SIG_IGN)
     if memory_mb > 0:
         try:
             import resource
@@ -121,8 +124,10 @@ class RewardPool:
         env = dict(os.environ, PYTHONPATH=pkg_root + os.pathsep + os.environ.get("PYTHONPATH", ""),
                    OMP_NUM_THREADS="1")
         args = json.dumps({"weights": dataclasses.asdict(self.weights), "memory_mb": self.memory_mb})
-        proc = subprocess.Popen([sys.executable, "-m", "megammr.rewards._worker", args], env=env,
-                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
+        from megammr.runtime import stop_signals_blocked
+        with stop_signals_blocked():  # from its first instruction, not only once _worker_main runs
+            proc = subprocess.Popen([sys.executable, "-m", "megammr.rewards._worker", args], env=env,
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         # Connection objects own duplicated fds; the Popen file objects are closed right away.
         conn = Connection(os.dup(proc.stdin.fileno()), readable=False)
         rconn = Connection(os.dup(proc.stdout.fileno()), writable=False)

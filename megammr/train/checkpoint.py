@@ -19,6 +19,7 @@ import json
 import os
 import random
 import shutil
+import time
 from typing import Optional
 
 import numpy as np
@@ -206,6 +207,49 @@ def load(parts, path: str, loader) -> dict:
 
 
 PREEMPTED_EXIT = 75  # EX_TEMPFAIL: the Slurm scripts requeue on it (any other non-zero exit is a failure)
+
+
+def start_writer() -> None:
+    """Start megatron's checkpoint result-queue process now, with the stop signals ignored.
+
+    megatron-core creates it lazily at the first save as a spawned process (fresh interpreter,
+    default signal dispositions); a preemption signal that Slurm sends to the whole step would then
+    kill it and with it the very checkpoint the signal asks for. Started here, it has them blocked.
+    (A megatron-core without this helper just keeps its own behaviour.)"""
+    from megammr.runtime import stop_signals_blocked
+    try:
+        from megatron.core.dist_checkpointing.strategies import filesystem_async
+        get_queue = filesystem_async._get_write_results_queue
+    except (ImportError, AttributeError):
+        return
+    from multiprocessing import resource_tracker
+    with stop_signals_blocked():
+        resource_tracker.ensure_running()  # the manager needs it; starting it unblocks SIGTERM again, so:
+        with stop_signals_blocked():
+            get_queue()
+
+
+def preempted_marker(output_dir: str) -> str:
+    return os.path.join(output_dir, "PREEMPTED")
+
+
+def mark_preempted(output_dir: str, step: int, signal: str | None) -> None:
+    """Rank 0, after the checkpoint: OUTPUT_DIR/PREEMPTED says this run stopped on a signal with its
+    state saved. slurm/launch.sh requeues on it even when a launcher reports a different exit code
+    (srun --kill-on-bad-exit may kill a rank that was still tearing down after the checkpoint)."""
+    tmp = preempted_marker(output_dir) + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"step": step, "signal": signal, "time": time.time()}, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, preempted_marker(output_dir))
+
+
+def clear_preempted(output_dir: str) -> None:
+    try:
+        os.remove(preempted_marker(output_dir))
+    except FileNotFoundError:
+        pass
 
 
 class StopRequest:
