@@ -12,6 +12,11 @@ OUTPUT_DIR/<phase.name>; phase k starts from phase k-1's final checkpoint (model
 fresh optimizer, data loader and schedule). A finished phase (OUTPUT_DIR/<name>/DONE) is skipped on
 rerun; an interrupted one resumes from its own latest checkpoint. All phases share one process
 group (no re-rendezvous between phases).
+
+`--phase K` runs one phase only (slurm/phaseK.sbatch: one job per phase, chained by
+slurm/submit_curriculum.sh); it refuses to start unless phase K-1 is DONE, because its starting
+weights would otherwise be an unfinished phase's latest checkpoint. `--plan` prints each phase's
+directory and state without running anything.
 """
 from __future__ import annotations
 
@@ -78,15 +83,56 @@ def done_marker(output_dir: str) -> str:
     return os.path.join(output_dir, "DONE")
 
 
-def run(path: str, overrides: list[str] = ()) -> list[dict]:
-    """Run (or continue) every phase; returns each phase's last metrics (rank 0)."""
+def state(ph: Phase) -> str:
+    """done (DONE marker), started (has a checkpoint: resumes), or todo."""
+    if os.path.exists(done_marker(ph.output_dir)):
+        return "done"
+    if os.path.isfile(os.path.join(ph.output_dir, "checkpoints", "latest")):
+        return "started"
+    return "todo"
+
+
+def select(path: str, phases: list[Phase], which: str | None) -> list[int]:
+    """Indices of the phases to run: all, or the one `which` names (1-based index or phase name),
+    whose predecessor must be done."""
+    if which is None:
+        return list(range(len(phases)))
+    names = [p.name for p in phases]
+    if which.isdigit() and 1 <= int(which) <= len(phases):
+        k = int(which) - 1
+    elif which in names:
+        k = names.index(which)
+    else:
+        raise RecipeError(f"{path}: --phase {which}: no such phase; phases: "
+                          + ", ".join(f"{i + 1}={n}" for i, n in enumerate(names)))
+    if k > 0 and state(phases[k - 1]) != "done":
+        prev = phases[k - 1]
+        raise RecipeError(f"{path}: phase {k + 1} ({phases[k].name}) starts from phase {k}'s final checkpoint, "
+                          f"but {done_marker(prev.output_dir)} does not exist ({prev.name} is {state(prev)}): "
+                          f"run phase {k} first (e.g. slurm/phase{k}.sbatch or --phase {k})")
+    return [k]
+
+
+def plan(path: str, overrides: list[str] = (), which: str | None = None) -> str:
+    """One line per phase: index, name, state, output directory (tab-separated; for scripts)."""
+    phases = load(path, overrides)
+    chosen = set(select(path, phases, which))
+    return "\n".join(f"{i + 1}\t{ph.name}\t{state(ph)}\t{ph.output_dir}" for i, ph in enumerate(phases)
+                     if i in chosen)
+
+
+def run(path: str, overrides: list[str] = (), which: str | None = None) -> list[dict]:
+    """Run (or continue) every phase, or the one `which` names; returns each phase's last metrics (rank 0)."""
     from megammr import runtime
     from megammr.trainer import say, train
 
     phases = load(path, overrides)
+    chosen = select(path, phases, which)
     results = []
     try:
         for i, ph in enumerate(phases):
+            if i not in chosen:
+                continue
             if os.path.exists(done_marker(ph.output_dir)):
                 say(f"phase {i + 1}/{len(phases)} {ph.name}: done already ({done_marker(ph.output_dir)}), skipped")
                 with open(done_marker(ph.output_dir)) as f:

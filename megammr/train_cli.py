@@ -13,6 +13,10 @@ import sys
 def add_arguments(p):
     p.add_argument("recipe", help="recipe YAML (e.g. recipes/tiny/phase1.yaml)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="recipe overrides, e.g. train.steps=3")
+    p.add_argument("--phase", metavar="K", help="curriculum only: run phase K alone (1-based index or phase name); "
+                   "phase K-1 must be done (one Slurm job per phase: slurm/phaseK.sbatch)")
+    p.add_argument("--plan", action="store_true", help="curriculum only: print each phase's index, name, state "
+                   "(done/started/todo) and directory, check the recipes, and exit")
 
 
 def _say(msg: str, kind: str = "error") -> None:
@@ -49,8 +53,15 @@ def run(args) -> int:
 
     try:
         if curriculum.is_curriculum(args.recipe):
-            curriculum.load(args.recipe, args.overrides)  # every phase's recipe checked up front
-            job = lambda: curriculum.run(args.recipe, args.overrides)  # noqa: E731
+            if args.plan:
+                print(curriculum.plan(args.recipe, args.overrides, args.phase), flush=True)
+                return 0
+            # every phase's recipe checked up front, and a lone phase's predecessor is done
+            curriculum.select(args.recipe, curriculum.load(args.recipe, args.overrides), args.phase)
+            job = lambda: curriculum.run(args.recipe, args.overrides, args.phase)  # noqa: E731
+        elif args.phase or args.plan:
+            raise RecipeError(f"{args.recipe}: --phase and --plan need a curriculum file "
+                              "(recipes/<backbone>/curriculum.yaml)")
         else:
             recipe = load_recipe(args.recipe, args.overrides)
             job = lambda: train(recipe)  # noqa: E731
