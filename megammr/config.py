@@ -4,7 +4,9 @@ A recipe is a YAML file under recipes/ that overrides some fields. `extends: bas
 (relative to the file) inherits another recipe: mappings merge key by key, lists and scalars
 are replaced. Command-line overrides `section.field=value` are applied last and typed the same
 way. An unknown key is an error naming the file, the dotted key and the closest valid key;
-a value of the wrong type is an error naming the expected type.
+a value of the wrong type is an error naming the expected type; rules between fields (the
+backbone name, TP/PP against it, ranges) are megammr.config_rules. Every problem of a file and its
+overrides is reported in one run, as a compiler does.
 """
 from __future__ import annotations
 
@@ -14,10 +16,13 @@ import os
 import re
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
 import yaml
+
+from megammr.config_rules import cross_checks
 
 
 def F(default: Any, help: str):
@@ -175,10 +180,31 @@ class Recipe:
 
 # --------------------------------------------------------------------------- loading
 class RecipeError(ValueError):
-    """A recipe or override that does not fit the schema. The message names file and key."""
+    """A recipe or override that does not fit the schema. Each line names the file (or "command
+    line") and the key; `errors` holds every problem found, one line each, as a compiler reports
+    them all rather than the first."""
+
+    def __init__(self, errors):
+        self.errors = [errors] if isinstance(errors, str) else list(errors)
+        super().__init__("\n".join(self.errors))
 
 
-_UNSET = object()
+class RecipeWarning(UserWarning):
+    """A recipe that runs as written but likely not as meant (the CLI shows it as one line)."""
+
+
+class _Problems(list):
+    """Error lines collected while a recipe is built, and the dotted keys they are about: a
+    cross-field rule that reads one of those keys is skipped (the value there is a default, not
+    the user's, so a verdict on it would mislead)."""
+
+    def __init__(self):
+        super().__init__()
+        self.keys: set[str] = set()
+
+    def add(self, key: str, err: RecipeError) -> None:
+        self.extend(err.errors)
+        self.keys.add(key)
 
 
 def _type_name(tp) -> str:
@@ -225,7 +251,15 @@ def _coerce(value, tp, key: str, src: str, raw: Optional[str] = None):
         if not isinstance(value, list):
             raise bad
         (inner,) = typing.get_args(tp)
-        return [_coerce(v, inner, f"{key}[{i}]", src) for i, v in enumerate(value)]
+        out, errors = [], []
+        for i, v in enumerate(value):
+            try:
+                out.append(_coerce(v, inner, f"{key}[{i}]", src))
+            except RecipeError as e:
+                errors.extend(e.errors)
+        if errors:
+            raise RecipeError(errors)
+        return out
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
             raise bad
@@ -261,7 +295,13 @@ def _hints(cls):
     return typing.get_type_hints(cls)
 
 
-def _build(cls, data: dict, prefix: str, origins: dict[str, str], default_src: str = ""):
+def _build(cls, data: dict, prefix: str, origins: dict[str, str], default_src: str = "",
+           problems: Optional[_Problems] = None):
+    """cls(**data) with every value checked. A bad value is recorded in `problems` and its field
+    keeps the default, so one run reports every problem; without `problems` they are raised
+    together at the end."""
+    own = problems is None
+    problems = _Problems() if own else problems
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -274,29 +314,58 @@ def _build(cls, data: dict, prefix: str, origins: dict[str, str], default_src: s
             stem = re.sub(r"\[\d+\]", "", prefix)  # suggest the schema key, not the list index
             hint = f"; did you mean '{(stem + '.') if stem else ''}{close[0]}'?" if close else \
                 f"; valid keys: {', '.join(names)}"
-            raise RecipeError(f"{where}: unknown key{hint}")
+            problems.add(dotted, RecipeError(f"{where}: unknown key{hint}"))
+            continue
         tp = hints[key]
-        if dataclasses.is_dataclass(tp):
-            if not isinstance(value, dict):
-                raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
-            kwargs[key] = _build(tp, value, dotted, origins, src)
-        else:
-            kwargs[key] = _coerce(value, tp, dotted, src)
-    return cls(**kwargs)
+        try:
+            if dataclasses.is_dataclass(tp):
+                if not isinstance(value, dict):
+                    raise RecipeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
+                kwargs[key] = _build(tp, value, dotted, origins, src, problems)
+            else:
+                kwargs[key] = _coerce(value, tp, dotted, src)
+        except RecipeError as e:
+            problems.add(dotted, e)
+    obj = cls(**kwargs)
+    if own and problems:
+        raise RecipeError(list(problems))
+    return obj
 
 
-def _read_yaml(path: str) -> dict:
+def _shown(path: str) -> str:
+    """A path as the user would type it: relative to the current directory when below it."""
+    rel = os.path.relpath(path)
+    return path if rel.startswith("..") else rel
+
+
+def _dir_hint(path: str) -> str:
+    names = sorted(f for f in os.listdir(path) if f.endswith((".yaml", ".yml")))
+    if not names:
+        return f"{path}: is a directory, not a recipe file (it holds no .yaml files)"
+    first = next((n for n in names if n.startswith("phase")), names[0])
+    return (f"{path}: is a directory, not a recipe file; pass one of its files, e.g. "
+            f"{os.path.join(path, first)} (there: {', '.join(names)})")
+
+
+def _read_yaml(path: str, shown: Optional[str] = None) -> dict:
+    shown = shown or path
     try:
         with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
     except FileNotFoundError:
-        raise RecipeError(f"recipe not found: {path}") from None
+        raise RecipeError(f"recipe not found: {shown}") from None
+    except IsADirectoryError:
+        raise RecipeError(_dir_hint(shown)) from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"{shown}: not UTF-8 text (a recipe is a YAML file)") from None
+    except OSError as e:
+        raise RecipeError(f"{shown}: cannot read: {e.strerror or e}") from None
     except yaml.YAMLError as e:
-        raise RecipeError(f"{path}: invalid YAML: {e}") from None
+        raise RecipeError(f"{shown}: invalid YAML: {e}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise RecipeError(f"{path}: a recipe must be a mapping, got {type(data).__name__}")
+        raise RecipeError(f"{shown}: a recipe must be a mapping, got {type(data).__name__}")
     return data
 
 
@@ -326,17 +395,25 @@ def _walk_keys(d: dict, prefix: str):
 
 def _load_chain(path: str, origins: dict, seen: tuple = ()) -> dict:
     path = os.path.abspath(path)
+    shown = _shown(path)
     if path in seen:
-        raise RecipeError(f"{path}: circular extends: {' -> '.join(seen + (path,))}")
-    data = _read_yaml(path)
+        raise RecipeError(f"{shown}: circular extends: {' -> '.join(map(_shown, seen + (path,)))}")
+    data = _read_yaml(path, shown)
+    if "curriculum" in data and not seen:
+        raise RecipeError(f"{shown}: a curriculum file, not a recipe: `megammr train {shown}` runs its phases, "
+                          f"`megammr config show {shown}` shows them")
     parent = data.pop("extends", None)
     merged: dict = {}
     if parent is not None:
         if not isinstance(parent, str):
-            raise RecipeError(f"{path}: extends: expected a path (str), got {parent!r}")
-        merged = _load_chain(os.path.join(os.path.dirname(path), parent), origins, seen + (path,))
-    rel = os.path.relpath(path) if not os.path.relpath(path).startswith("..") else path
-    return _merge(merged, data, origins, rel)
+            raise RecipeError(f"{shown}: extends: expected a path (str), got {parent!r}")
+        target = os.path.join(os.path.dirname(path), parent)
+        if not os.path.isfile(target):
+            what = "is a directory" if os.path.isdir(target) else "not found"
+            raise RecipeError(f"{shown}: extends: {parent}: {what} (looked for {_shown(os.path.abspath(target))}; "
+                              "the path is relative to the extending file)")
+        merged = _load_chain(target, origins, seen + (path,))
+    return _merge(merged, data, origins, shown)
 
 
 def parse_override(text: str) -> tuple[str, str]:
@@ -382,56 +459,42 @@ def _apply_override(data: dict, key: str, raw: str, origins: dict):
         cls, prefix = tp, dotted
 
 
-def load_recipe(path: Optional[str] = None, overrides: list[str] = ()) -> Recipe:
-    """Load a recipe file (following `extends:`), apply key=value overrides, validate."""
+def load_recipe(path: Optional[str] = None, overrides: list[str] = (), *, world_size: Optional[int] = None,
+                base: Optional[tuple[dict, str]] = None) -> Recipe:
+    """Load a recipe file (following `extends:`), or `base` = (a recipe as a dict, e.g. the one a
+    checkpoint saved; a label naming it in errors), apply key=value overrides, check everything.
+
+    Every problem found (unknown keys, types, overrides, cross-field rules) is raised together in
+    one RecipeError. With `world_size` the data-parallel split is checked too (layout_errors).
+    What runs but is likely not meant is a RecipeWarning."""
     origins: dict[str, str] = {}
     data = _load_chain(path, origins) if path else {}
+    if base is not None and not path:
+        data = _merge({}, base[0], origins, base[1])
+    on_command_line = _Problems()
     for text in overrides:
-        key, raw = parse_override(text)
-        _apply_override(data, key, raw, origins)
-    recipe = _build(Recipe, data, "", origins)
-    validate(recipe)
+        try:
+            key, raw = parse_override(text)
+            _apply_override(data, key, raw, origins)
+        except RecipeError as e:
+            on_command_line.add(text.split("=", 1)[0].strip(), e)
+    problems = _Problems()
+    recipe = _build(Recipe, data, "", origins, problems=problems)
+    problems.extend(on_command_line)  # in reading order: the files, then the command line
+    errors, notes = cross_checks(recipe, origins, problems.keys | on_command_line.keys, world_size)
+    problems.extend(errors)
+    if problems:
+        raise RecipeError(list(problems))
+    for note in notes:
+        warnings.warn(note, RecipeWarning, stacklevel=2)
     return recipe
 
 
-def validate(r: Recipe) -> None:
-    """Cross-field checks that a type cannot express."""
-    checks = [
-        (r.parallel.tp >= 1 and r.parallel.pp >= 1 and r.parallel.cp >= 1, "parallel.tp, pp and cp must be >= 1"),
-        (not r.parallel.sequence_parallel or r.parallel.tp > 1, "parallel.sequence_parallel needs parallel.tp > 1"),
-        (r.model.precision != "fp8" or r.model.layer_spec == "te", "model.precision=fp8 needs model.layer_spec=te"),
-        (r.rollout.n >= 1, "rollout.n must be >= 1"),
-        (r.rollout.temperature > 0, "rollout.temperature must be > 0"),
-        (0 < r.rollout.top_p <= 1, "rollout.top_p must be in (0, 1]"),
-        (r.train.steps >= 0, "train.steps must be >= 0"),
-        (r.train.prompts_per_step >= 1, "train.prompts_per_step must be >= 1"),
-        (r.train.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
-        (r.train.checkpoint_interval >= 1, "train.checkpoint_interval must be >= 1"),
-        (r.train.updates_per_step >= 1, "train.updates_per_step must be >= 1"),
-        (r.train.max_tokens_per_micro_batch is None or r.train.max_tokens_per_micro_batch >= 1,
-         "train.max_tokens_per_micro_batch must be >= 1 (or null)"),
-        (r.train.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
-        (r.train.sync_bucket_mb >= 1, "train.sync_bucket_mb must be >= 1"),
-        (r.rollout.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
-        (r.rollout.max_batch_sequences >= 1, "rollout.max_batch_sequences must be >= 1"),
-        (r.algo.max_resample_rounds >= 0, "algo.max_resample_rounds must be >= 0"),
-        (0 <= r.algo.overlong_buffer < r.rollout.max_new_tokens or r.algo.overlong_buffer == 0,
-         "algo.overlong_buffer must be >= 0 and < rollout.max_new_tokens"),
-        (r.algo.tis_cap is None or r.algo.tis_cap > 0, "algo.tis_cap must be > 0 (or null)"),
-        (r.reward.timeout_s > 0, "reward.timeout_s must be > 0"),
-        (r.reward.workers >= 1, "reward.workers must be >= 1"),
-        (r.algo.clip_low >= 0 and r.algo.clip_high >= 0, "algo.clip_low and clip_high must be >= 0"),
-        (r.optim.lr >= 0, "optim.lr must be >= 0"),
-        (0 < r.data.min_pixels <= r.data.max_pixels, "data.min_pixels must be > 0 and <= data.max_pixels"),
-        (r.data.num_workers >= 0 and r.data.shuffle_buffer_size >= 1 and r.data.max_samples_per_sequence >= 1,
-         "data.num_workers must be >= 0; data.shuffle_buffer_size and max_samples_per_sequence >= 1"),
-    ]
-    for ok, msg in checks:
-        if not ok:
-            raise RecipeError(msg)
-    for i, d in enumerate(r.data.datasets):
-        if d.weight <= 0:
-            raise RecipeError(f"data.datasets[{i}].weight must be > 0")
+def validate(r: Recipe, world_size: Optional[int] = None) -> None:
+    """Cross-field checks that a type cannot express; RecipeError listing every failure."""
+    errors, _ = cross_checks(r, {}, set(), world_size)
+    if errors:
+        raise RecipeError(errors)
 
 
 def to_dict(r: Recipe) -> dict:

@@ -1,4 +1,9 @@
-"""`megammr config show RECIPE [key=value ...]` and `megammr config fields`."""
+"""`megammr config show RECIPE [key=value ...]` and `megammr config fields`.
+
+`show` prints the fully resolved recipe, or for a curriculum file every phase's recipe (one YAML
+document each, as `megammr train` would run them). Every problem of the file and the overrides is
+reported, one line each, exit code 2.
+"""
 from __future__ import annotations
 
 import sys
@@ -8,10 +13,17 @@ from megammr.config import RecipeError, field_docs, load_recipe, to_yaml
 
 def add_arguments(p):
     sub = p.add_subparsers(dest="action", required=True, metavar="ACTION")
-    show = sub.add_parser("show", help="print the fully resolved recipe as YAML")
-    show.add_argument("recipe", help="recipe YAML (may use extends:)")
+    show = sub.add_parser("show", help="print the fully resolved recipe (every phase of a curriculum) as YAML")
+    show.add_argument("recipe", help="recipe YAML (may use extends:) or a curriculum file")
     show.add_argument("overrides", nargs="*", metavar="key.sub=value", help="typed overrides, applied last")
+    show.add_argument("--world-size", type=int, default=None, metavar="N",
+                      help="also check the data-parallel split for N processes (tp x pp x cp x dp)")
     sub.add_parser("fields", help="list every recipe field with its type, default and meaning")
+
+
+def errors_of(e: RecipeError, prog: str = "megammr") -> str:
+    """One `PROG: error: ...` line per problem."""
+    return "".join(f"{prog}: error: {line}\n" for line in e.errors)
 
 
 def run(args) -> int:
@@ -19,10 +31,18 @@ def run(args) -> int:
         for key, tp, default, help_ in field_docs():
             print(f"{key:32s} {tp:40s} default={default!r}\n    {help_}")
         return 0
-    try:
-        recipe = load_recipe(args.recipe, args.overrides)
-    except RecipeError as e:
-        print(f"megammr: error: {e}", file=sys.stderr)
+    if args.world_size is not None and args.world_size < 1:
+        print(f"megammr: error: --world-size must be >= 1, got {args.world_size}", file=sys.stderr)
         return 2
-    sys.stdout.write(to_yaml(recipe))
+    from megammr import curriculum
+    try:
+        if curriculum.is_curriculum(args.recipe):
+            phases = curriculum.load(args.recipe, args.overrides, world_size=args.world_size)
+            text = "".join(f"--- # {p.name}: {p.output_dir}\n{to_yaml(p.recipe)}" for p in phases)
+        else:
+            text = to_yaml(load_recipe(args.recipe, args.overrides, world_size=args.world_size))
+    except RecipeError as e:
+        sys.stderr.write(errors_of(e))
+        return 2
+    sys.stdout.write(text)
     return 0

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import yaml
 
@@ -45,7 +46,8 @@ def is_curriculum(path: str) -> bool:
     return isinstance(data, dict) and "curriculum" in data
 
 
-def load(path: str, overrides: list[str] = ()) -> list[Phase]:
+def load(path: str, overrides: list[str] = (), world_size: Optional[int] = None) -> list[Phase]:
+    """Every phase's resolved recipe; RecipeError listing the problems of all phases at once."""
     with open(path, encoding="utf-8") as f:
         data = yaml.safe_load(f)
     spec = data.get("curriculum")
@@ -64,15 +66,25 @@ def load(path: str, overrides: list[str] = ()) -> list[Phase]:
         if o.startswith("train.output_dir="):
             root = o.split("=", 1)[1]  # the curriculum's run directory; phases live below it
     overrides = [o for o in overrides if not o.startswith("train.output_dir=")]
-    phases, prev = [], None
-    for rel in files:
+    phases, prev, errors = [], None, []
+    for i, rel in enumerate(files):
         fpath = os.path.join(os.path.dirname(os.path.abspath(path)), rel)
-        name = load_recipe(fpath, overrides).phase.name
-        out = os.path.join(root, name)
-        init = [f"phase.init_from={prev}"] if prev else []
-        recipe = load_recipe(fpath, overrides + [f"train.output_dir={out}"] + init)
+        if not os.path.isfile(fpath):
+            errors.append(f"{path}: curriculum.phases[{i}]: {rel}: not found (looked for {os.path.relpath(fpath)}; "
+                          "phase paths are relative to the curriculum file)")
+            continue
+        try:
+            name = load_recipe(fpath, overrides).phase.name
+            out = os.path.join(root, name)
+            init = [f"phase.init_from={prev}"] if prev else []
+            recipe = load_recipe(fpath, overrides + [f"train.output_dir={out}"] + init, world_size=world_size)
+        except RecipeError as e:  # phases share a base and the overrides: each problem said once
+            errors += [line for line in e.errors if line not in errors]
+            continue
         phases.append(Phase(name, recipe, out))
         prev = out  # resolved to that phase's final checkpoint when the next phase starts
+    if errors:
+        raise RecipeError(errors)
     names = [p.name for p in phases]
     if len(set(names)) != len(names):
         raise RecipeError(f"{path}: two phases share a phase.name ({names}): they would share a directory")

@@ -178,6 +178,20 @@ PAPER = {
 }
 
 
+# A field that only one benchmark's published records carry: a record with another benchmark's
+# field is that benchmark's, and reading it with the wrong reader would score it silently wrong
+# (e.g. MathVista items under MathVerse, all in subset "all").
+SIGNATURE = {"mathverse": "problem_version", "olympiadbench": "final_answer", "mathvista": "pid",
+             "mathvision": "level"}
+NAMES = {"mathvista": "MathVista", "mathverse": "MathVerse", "mathvision": "MATH-Vision",
+         "olympiadbench": "OlympiadBench"}
+
+
+def looks_like(rec: dict) -> Optional[str]:
+    """The benchmark whose signature field `rec` has, or None (a hand-made file: no verdict)."""
+    return next((b for b, key in SIGNATURE.items() if key in rec), None)
+
+
 def load_benchmark(bench: str, path: str, images_root: Optional[str] = None,
                    limit: Optional[int] = None) -> list[EvalSample]:
     if bench not in READERS:
@@ -190,6 +204,10 @@ def load_benchmark(bench: str, path: str, images_root: Optional[str] = None,
             where = f"{file}: record {key}"
             if not isinstance(rec, dict):
                 raise EvalDataError(f"{where}: expected an object, got {type(rec).__name__}")
+            other = looks_like(rec)
+            if other not in (None, bench):
+                raise EvalDataError(f"{where}: a {NAMES[other]} record (it has {SIGNATURE[other]!r}), not "
+                                    f"{NAMES[bench]}: pass --bench {other}")
             if bench == "olympiadbench" and rec.get("question_type") == "Theorem proof":
                 continue  # no final answer to verify
             if limit is not None and len(out) >= limit:

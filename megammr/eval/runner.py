@@ -13,6 +13,7 @@ import io
 import json
 import logging
 import os
+import sys
 from collections import defaultdict
 from dataclasses import replace
 from typing import Optional, Sequence
@@ -41,7 +42,9 @@ def build_prompt(sample: EvalSample, images: list, system_prompt: Optional[str] 
 
 
 def evaluate(engine, samples: Sequence[EvalSample], bench: str, *, out_dir: str, sampling=None,
-             reward_cfg=None, batch_size: int = 8, system_prompt: Optional[str] = None) -> dict:
+             reward_cfg=None, batch_size: int = 8, system_prompt: Optional[str] = None,
+             progress: bool = False) -> dict:
+    """Generate, score and write OUT/<bench>_samples.jsonl and the summary; `progress`: a bar on stderr."""
     from megammr.config import RewardConfig, RolloutConfig
     from megammr.rewards import RewardItem, RewardPool
     from megammr.rollout import SamplingParams
@@ -64,7 +67,10 @@ def evaluate(engine, samples: Sequence[EvalSample], bench: str, *, out_dir: str,
 
     groups: dict[str, list[int]] = defaultdict(list)
     n_correct = n_format = 0
-    with RewardPool(reward_cfg) as pool, open(samples_path, "w", encoding="utf-8") as out:
+    from tqdm import tqdm
+    bar = tqdm(total=len(ready), desc=f"eval {bench}", unit="sample", file=sys.stderr, dynamic_ncols=True,
+               disable=not progress)
+    with RewardPool(reward_cfg) as pool, open(samples_path, "w", encoding="utf-8") as out, bar:
         for start in range(0, len(ready), batch_size):
             chunk = ready[start:start + batch_size]
             rollouts = engine.generate([p for _, p in chunk], 1, sampling)
@@ -79,6 +85,8 @@ def evaluate(engine, samples: Sequence[EvalSample], bench: str, *, out_dir: str,
                     "choices": s.choices, "response": r.text, "extracted": res.extracted, "correct": bool(correct),
                     "format": res.format, "status": res.status, "finish_reason": r.finish_reason,
                     "response_tokens": len(r.token_ids), "meta": s.meta}, ensure_ascii=False) + "\n")
+            bar.update(len(chunk))
+            bar.set_postfix(correct=n_correct, refresh=False)
     n = len(ready)
     split, paper = PAPER[bench]
     summary = {
@@ -96,13 +104,20 @@ def evaluate(engine, samples: Sequence[EvalSample], bench: str, *, out_dir: str,
     return summary
 
 
-def format_table(summary: dict) -> str:
-    """Markdown table: overall and per subset, our accuracy beside the paper's Infi-MMR-3B figure
-    (the paper reports overall numbers only)."""
+def format_table(summary: dict, markdown: bool = True) -> str:
+    """Overall and per-subset accuracy, ours beside the paper's Infi-MMR-3B figure (the paper
+    reports overall numbers only): a Markdown table for the .md file, or (markdown=False)
+    columns aligned with spaces for a terminal."""
     name = f"{summary['bench']} {summary['split']}".strip()
-    rows = ["| benchmark / subset | n | ours (%) | Infi-MMR-3B paper (%) |", "|---|---:|---:|---:|",
-            f"| **{name}** (overall) | {summary['n']} | {summary['accuracy']:.2f} | {summary['paper_infi_mmr_3b']:.2f} |"]
+    head = ["benchmark / subset", "n", "ours (%)", "Infi-MMR-3B paper (%)"]
+    rows = [[f"**{name}** (overall)" if markdown else f"{name} (overall)", str(summary["n"]),
+             f"{summary['accuracy']:.2f}", f"{summary['paper_infi_mmr_3b']:.2f}"]]
     for k, v in summary["subsets"].items():
-        rows.append(f"| &nbsp;&nbsp;{k} | {v['n']} | {v['accuracy']:.2f} | - |")
-    tail = f"\nformat rate {summary['format_rate']:.2f}%; {summary['skipped']} sample(s) skipped"
-    return "\n".join(rows) + tail
+        rows.append([f"&nbsp;&nbsp;{k}" if markdown else f"  {k}", str(v["n"]), f"{v['accuracy']:.2f}", "-"])
+    tail = f"format rate {summary['format_rate']:.2f}%; {summary['skipped']} sample(s) skipped"
+    if markdown:
+        lines = ["| " + " | ".join(head) + " |", "|---|---:|---:|---:|"] + ["| " + " | ".join(r) + " |" for r in rows]
+        return "\n".join(lines) + "\n\n" + tail
+    width = [max(len(r[i]) for r in [head] + rows) for i in range(4)]
+    fmt = lambda r: "  ".join(c.ljust(width[0]) if i == 0 else c.rjust(width[i]) for i, c in enumerate(r))  # noqa: E731
+    return "\n".join([fmt(head), "  ".join("-" * w for w in width)] + [fmt(r) for r in rows] + [tail])

@@ -189,4 +189,20 @@ def get_backbone(name: str) -> Backbone:
         raise ValueError(f"unknown backbone {name!r}; known: {', '.join(BACKBONES)}") from None
 
 
-__all__ = ["BACKBONES", "Backbone", "VisionSpec", "get_backbone"]
+def check_parallel_layout(bb: Backbone, tp: int, pp: int) -> None:
+    """ValueError unless TP x PP can split `bb`. Pure arithmetic (no torch, no megatron): recipe
+    loading runs it (megammr.config), and so does the model builder."""
+    if tp < 1 or pp < 1:
+        raise ValueError(f"tensor- and pipeline-parallel sizes must be >= 1, got tp={tp} pp={pp}")
+    if bb.num_heads % tp or bb.num_kv_heads % tp:
+        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide num_heads={bb.num_heads} "
+                         f"and num_kv_heads={bb.num_kv_heads}")
+    if bb.intermediate_size % tp:
+        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide intermediate_size={bb.intermediate_size}")
+    if bb.vocab_size % tp:
+        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide vocab_size={bb.vocab_size}")
+    if bb.num_layers % pp:
+        raise ValueError(f"{bb.name}: pipeline-parallel size {pp} must divide num_layers={bb.num_layers}")
+
+
+__all__ = ["BACKBONES", "Backbone", "VisionSpec", "check_parallel_layout", "get_backbone"]

@@ -107,7 +107,9 @@ def main(argv=None):
     from megammr.models.vlm import build_model
     from megatron.core import parallel_state as ps
 
-    recipe = load_recipe(None, [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "model.precision=fp32"])
+    # model.hf_path: the layout is checked against the model under test, not the default backbone
+    recipe = load_recipe(None, [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "model.precision=fp32",
+                                f"model.hf_path={args.hf[0]}"])
     runtime.init(recipe)
     torch.set_num_threads(1)
     results = {}

@@ -17,23 +17,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megammr.models.backbones import Backbone
+from megammr.models.backbones import Backbone, check_parallel_layout
 from megammr.models.vision import VisionTower
-
-
-def check_parallel_layout(bb: Backbone, tp: int, pp: int) -> None:
-    """ValueError unless TP x PP can split `bb` (no megatron import: callers check before launching)."""
-    if tp < 1 or pp < 1:
-        raise ValueError(f"tensor- and pipeline-parallel sizes must be >= 1, got tp={tp} pp={pp}")
-    if bb.num_heads % tp or bb.num_kv_heads % tp:
-        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide num_heads={bb.num_heads} "
-                         f"and num_kv_heads={bb.num_kv_heads}")
-    if bb.intermediate_size % tp:
-        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide intermediate_size={bb.intermediate_size}")
-    if bb.vocab_size % tp:
-        raise ValueError(f"{bb.name}: tensor-parallel size {tp} must divide vocab_size={bb.vocab_size}")
-    if bb.num_layers % pp:
-        raise ValueError(f"{bb.name}: pipeline-parallel size {pp} must divide num_layers={bb.num_layers}")
 
 
 def transformer_config(bb: Backbone, tp: int = 1, pp: int = 1, precision: str = "fp32",

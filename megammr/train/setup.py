@@ -12,15 +12,12 @@ import torch
 import torch.distributed as dist
 
 from megammr.config import Recipe, RecipeError, RolloutConfig
+from megammr.config_rules import layout_errors
 
 
 def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
     """Raise RecipeError for a field this run cannot honour; return the rollout engine's name."""
-    errors = []
-    mp = r.parallel.tp * r.parallel.pp * r.parallel.cp
-    if world_size % mp:
-        errors.append(f"world size {world_size} is not divisible by parallel.tp x pp x cp = {mp} "
-                      f"(launch tp*pp*cp*dp processes, e.g. torchrun --nproc-per-node {mp})")
+    errors = layout_errors(r, world_size)  # world size against tp x pp x cp, prompts over DP ranks
     if r.parallel.cp > 1:
         errors.append("parallel.cp > 1: context parallelism is not supported by the trainer (use tp/pp)")
     if r.parallel.sequence_parallel:
@@ -41,13 +38,6 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
         if getattr(r.rollout, name) != getattr(defaults, name):
             errors.append(f"rollout.{name} is a vLLM setting: the transformers engine cannot honour it "
                           f"(remove it or set rollout.engine=vllm)")
-    dp = max(1, world_size // mp)
-    if r.train.prompts_per_step % max(dp, 1):
-        errors.append(f"train.prompts_per_step={r.train.prompts_per_step} does not split over {dp} data-parallel "
-                      "ranks (each rank owns whole prompt groups)")
-    elif r.train.prompts_per_step // max(dp, 1) < r.train.updates_per_step:
-        errors.append(f"train.updates_per_step={r.train.updates_per_step} exceeds the prompts per data-parallel "
-                      f"rank ({r.train.prompts_per_step // max(dp, 1)}): every update needs at least one group")
     if r.rollout.replay:
         if r.train.save_rollouts:
             errors.append("train.save_rollouts with rollout.replay: a replayed run generates nothing to save")
@@ -62,8 +52,7 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
                 errors.append(f"rollout.replay {r.rollout.replay}: no saved rollouts for steps {missing[:5]}"
                               f"{' ...' if len(missing) > 5 else ''} (train.steps={r.train.steps})")
     if errors:
-        raise RecipeError(errors[0] if len(errors) == 1 else
-                          f"{len(errors)} problems with the recipe:\n  - " + "\n  - ".join(errors))
+        raise RecipeError(errors)  # every problem, one line each
     return engine
 
 

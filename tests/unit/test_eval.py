@@ -86,7 +86,12 @@ def test_megammr_eval_end_to_end(bench, tiny_dir, tmp_path, capsys):
     assert rc == 0
     table = capsys.readouterr().out
     paper = {"mathvista": "67.20", "mathverse": "43.68", "mathvision": "27.04", "olympiadbench": "21.33"}[bench]
-    assert "| benchmark / subset | n | ours (%) | Infi-MMR-3B paper (%) |" in table and paper in table
+    # The terminal gets aligned columns (no Markdown markup); the .md file the Markdown table.
+    head = table.splitlines()[0]
+    assert head.split("  ")[0] == "benchmark / subset" and head.endswith("Infi-MMR-3B paper (%)") and paper in table
+    assert "&nbsp;" not in table and "**" not in table and "|" not in table
+    md = (out / f"{bench}_summary.md").read_text()
+    assert "| benchmark / subset | n | ours (%) | Infi-MMR-3B paper (%) |" in md and paper in md
     rows = [json.loads(x) for x in (out / f"{bench}_samples.jsonl").read_text().splitlines()]
     summary = json.loads((out / f"{bench}_summary.json").read_text())
     expected = len(load_benchmark(bench, DATA[bench])) - summary["skipped"]

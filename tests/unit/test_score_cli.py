@@ -33,19 +33,23 @@ def test_score_good_and_malformed_lines(tmp_path):
     err = p.stderr.decode()
     assert p.returncode == 0, err
     rows = [json.loads(x) for x in out.read_text(encoding="utf-8").splitlines()]
-    assert len(rows) == 8  # one per non-blank input line, in order
-    assert rows[0]["id"] == "a" and (rows[0]["format"], rows[0]["accuracy"], rows[0]["reward"]) == (1.0, 1.0, 1.5)
-    assert rows[1] == {"line": 2, "error": rows[1]["error"]} and "invalid JSON" in rows[1]["error"]
-    assert rows[2]["id"] == "c" and "missing field 'answer'" in rows[2]["error"] and "reward" not in rows[2]
-    assert rows[3]["id"] == "d" and rows[3]["reward"] == 1.5
-    assert rows[4]["id"] == "e" and (rows[4]["format"], rows[4]["accuracy"]) == (0.0, 0.0)
-    assert rows[5]["line"] == 7 and "JSON object" in rows[5]["error"]
-    assert rows[6]["id"] == "g" and rows[6]["reward"] == 1.5 and rows[6]["status"] == "ok"
-    assert rows[7]["id"] == "h" and "must be a string" in rows[7]["error"]
+    # The output holds scored records only (input order), each with every reward field.
+    assert [r["id"] for r in rows] == ["a", "d", "e", "g"]
+    assert all({"format", "accuracy", "reward", "status"} <= set(r) and "error" not in r for r in rows)
+    assert (rows[0]["format"], rows[0]["accuracy"], rows[0]["reward"]) == (1.0, 1.0, 1.5)
+    assert rows[1]["reward"] == 1.5
+    assert (rows[2]["format"], rows[2]["accuracy"]) == (0.0, 0.0)
+    assert rows[3]["reward"] == 1.5 and rows[3]["status"] == "ok"
+    # The malformed lines go to the side file, with line number, reason and the line's text.
+    rejected = [json.loads(x) for x in (tmp_path / "out.rejected.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["line"] for r in rejected] == [2, 3, 7, 9]
+    assert "invalid JSON" in rejected[0]["error"] and rejected[0]["text"] == "{not json"
+    assert "missing field 'answer'" in rejected[1]["error"] and json.loads(rejected[1]["text"])["id"] == "c"
+    assert "JSON object" in rejected[2]["error"] and "must be a string" in rejected[3]["error"]
     for n in (2, 3, 7, 9):
         assert f"line {n}:" in err
     assert "scored 4 lines" in err and "mean reward 1.1250" in err and "timeouts 0" in err
-    assert "4 malformed line(s)" in err
+    assert "4 malformed line(s) skipped (written to" in err and "out.rejected.jsonl" in err
 
 
 def test_score_stdout_and_recipe_weights(tmp_path):
