@@ -28,7 +28,9 @@ PYTHON=${MEGAMMR_PYTHON:-python3}
 command -v "$PYTHON" >/dev/null || die "MEGAMMR_PYTHON: $PYTHON not found; point it at the Python that has megammr installed"
 
 # shellcheck disable=SC2206  # word splitting is the documented format of MEGAMMR_OVERRIDES
+set -f  # split, but do not glob: an override like data.datasets=[{path: x*}] stays as written
 OVERRIDES=(${MEGAMMR_OVERRIDES:-} "$@")
+set +f
 [[ -n ${MEGAMMR_RUN_DIR:-} ]] && OVERRIDES+=("train.output_dir=$MEGAMMR_RUN_DIR")
 TRAIN=(-m megammr train --phase "$PHASE" "$RECIPE" "${OVERRIDES[@]}")
 

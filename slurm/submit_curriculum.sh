@@ -34,7 +34,9 @@ n=$(wc -l <<<"$plan")
 ((n <= 3)) || die "$RECIPE has $n phases; slurm/ has phase1..3.sbatch"
 
 # shellcheck disable=SC2206  # word splitting is the documented format of MEGAMMR_SBATCH_ARGS
+set -f
 extra=(${MEGAMMR_SBATCH_ARGS:-})
+set +f
 dep= ids=()
 while IFS=$'\t' read -r k name state out; do
   if [[ $state == done ]]; then
