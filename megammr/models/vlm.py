@@ -160,6 +160,10 @@ def build_model(bb: Backbone, layer_spec_name: str = "local", precision: str = "
     pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
     post = ps.is_pipeline_last_stage() if post_process is None else post_process
     model = Qwen25VLModel(bb, cfg, layer_spec(layer_spec_name), pre, post)
+    vision = model.vision_model
+    if vision is not None and torch.cuda.is_available() and next(vision.parameters()).device.type == "cpu":
+        # megatron allocates the decoder on the current GPU itself; the vision tower is a plain module
+        vision.to(torch.device("cuda", torch.cuda.current_device()))
     mark_tensor_parallel_weights(model)
     if freeze_vision and model.vision_model is not None:
         model.vision_model.requires_grad_(False)

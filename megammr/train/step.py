@@ -48,6 +48,9 @@ def _schedule(model, mbs: list[MicroBatch], forward_step, forward_only: bool, co
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     _fp8_pad(model, mbs)
+    dev = _device()
+    for mb in mbs:  # batching builds them on the CPU; the model may be on a GPU (no-op on CPU)
+        mb.to(dev)
     seq, rows = mbs[0].shape[1], mbs[0].shape[0]  # shapes are fixed under PP (see batching)
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(mbs), model=[model], num_microbatches=len(mbs),
