@@ -244,7 +244,6 @@ class VLLMEngine:
         self._loaded: set[str] = set()
         self._model = None
         self.encoder_reset_available = True
-        self.timings: dict[str, float] = {}
 
     @classmethod
     def from_recipe(cls, recipe, rt, *, group, leader: int, is_leader: bool) -> "VLLMEngine":
@@ -256,7 +255,7 @@ class VLLMEngine:
         errors, warnings = version_problems(vllm_version())
         if errors:
             raise EngineUnavailable(errors[0])
-        for w in warnings:
+        for w in warnings if rt.env.rank == 0 else ():
             print(f"megammr: warning: {w}", flush=True)
         vllm = require_vllm()
         tp = recipe.rollout.tp or recipe.parallel.tp
@@ -321,7 +320,7 @@ class VLLMEngine:
         if model is None:
             raise RuntimeError("finish_weight_update without a weight update")
         expected = {n for n, _ in model.named_parameters()}
-        missing = sorted(expected - self._loaded)
+        missing = sorted(expected - self._loaded)  # vLLM's own loader makes the same check after a load
         if missing:
             raise RuntimeError(f"weight sync left {len(missing)} vLLM parameters unwritten (they hold dummy or "
                                f"discarded values), e.g. {missing[:3]}: the exporter's HF names do not cover the model")

@@ -46,10 +46,19 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
                               f"{' ...' if len(missing) > 5 else ''} (train.steps={r.train.steps})")
     if errors:
         raise RecipeError(errors)  # every problem, one line each
-    if notes and (not dist.is_initialized() or dist.get_rank() == 0):
+    # before the process group exists: the launcher's rank decides who speaks
+    if notes and (dist.get_rank() == 0 if dist.is_initialized() else _launcher_rank() == 0):
         for note in notes:
             print(f"megammr train: {note}", flush=True)
     return engine
+
+
+def _launcher_rank() -> int:
+    from megammr.runtime import dist_env_from
+    try:
+        return dist_env_from(os.environ).rank
+    except RuntimeError:
+        return 0
 
 
 VLLM_ONLY = ("gpu_memory_utilization", "tp", "enforce_eager", "max_images", "sleep_level")
