@@ -88,6 +88,8 @@ class RolloutConfig:
     gpu_memory_utilization: float = F(0.5, "Fraction of GPU memory vLLM may claim (colocated with training).")
     tp: Optional[int] = F(None, "vLLM tensor-parallel size; None uses parallel.tp.")
     enforce_eager: bool = F(True, "Disable CUDA graphs in vLLM (safe with sleep mode and weight sync).")
+    max_images: int = F(4, "vLLM: most images in one prompt (limit_mm_per_prompt); a prompt with more is an error.")
+    sleep_level: int = F(2, "vLLM sleep mode between rollouts: 2 discards weights and KV cache (the next sync reloads every weight), 1 keeps the weights in CPU memory.")
     max_batch_sequences: int = F(16, "transformers engine: sequences per generate() call (prompts x samples are batched).")
     replay: Optional[str] = F(None, "Directory of saved rollouts (OUTPUT_DIR/rollouts of an earlier run): train on them instead of generating.")
 

@@ -12,6 +12,7 @@ TARGETS = {
     "data": "loader throughput with image decode and preprocessing vs plain webdataset",
     "rewards": "verifications per second and latency of the reward pool",
     "step": "one GRPO step on the tiny model: per-stage times, framework overhead, TRL GRPOTrainer side by side",
+    "gpu-step": "GPU: train step of a 3B-shaped model (bf16, fp8 with TE): tokens/s, stage times, MFU, weight sync; vLLM rollouts",
 }
 
 
@@ -19,8 +20,8 @@ def add_arguments(p: argparse.ArgumentParser):
     sub = p.add_subparsers(dest="target", required=True, metavar="TARGET")
     for name, help_ in TARGETS.items():
         sp = sub.add_parser(name, help=help_, description=help_)
-        importlib.import_module(f"megammr.bench.{name}").add_arguments(sp)
+        importlib.import_module(f"megammr.bench.{name.replace('-', '_')}").add_arguments(sp)
 
 
 def run(args) -> int:
-    return int(importlib.import_module(f"megammr.bench.{args.target}").run(args) or 0)
+    return int(importlib.import_module(f"megammr.bench.{args.target.replace('-', '_')}").run(args) or 0)

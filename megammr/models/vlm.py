@@ -45,8 +45,9 @@ def transformer_config(bb: Backbone, tp: int = 1, pp: int = 1, precision: str = 
     )
     if tp > 1 or pp > 1:
         kw["sequence_parallel"] = False
-    if precision == "fp8":
-        kw.update(fp8="hybrid" if fp8_recipe == "delayed" else "e4m3", fp8_recipe=fp8_recipe)
+    # FP8 in the decoder only (megammr.models.te: format, recipe, BF16 first/last layers, bf16 weights)
+    from megammr.models.te import fp8_config_fields
+    kw.update(fp8_config_fields(precision, fp8_recipe, bb.num_layers, pp))
     if recompute:
         kw.update(recompute_granularity=recompute)
         if recompute == "full":
@@ -62,11 +63,9 @@ def layer_spec(name: str):
     if name == "local":
         return specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
     if name == "te":
-        try:
-            import transformer_engine  # noqa: F401
-        except Exception as e:  # ImportError, or an OSError from its CUDA libraries
-            raise RuntimeError("model.layer_spec=te needs transformer-engine[pytorch] and a GPU "
-                               f"(import failed: {e}); use model.layer_spec=local on CPU") from None
+        from megammr.models.te import require_te
+        require_te()  # one-line error naming the extra when TE cannot be imported
+        # qk_layernorm is the only keyword passed: it exists in megatron-core 0.16 and 0.19 alike
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
     raise ValueError(f"unknown layer spec {name!r}: expected 'te' or 'local'")
 
@@ -154,10 +153,17 @@ def build_model(bb: Backbone, layer_spec_name: str = "local", precision: str = "
     from megatron.core import parallel_state as ps
 
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
+    if precision == "fp8":
+        from megammr.models.te import prepare_fp8_env
+        prepare_fp8_env(fp8_recipe)
     cfg = transformer_config(bb, tp, pp, precision, fp8_recipe, recompute, perform_initialization)
     pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
     post = ps.is_pipeline_last_stage() if post_process is None else post_process
     model = Qwen25VLModel(bb, cfg, layer_spec(layer_spec_name), pre, post)
+    vision = model.vision_model
+    if vision is not None and torch.cuda.is_available() and next(vision.parameters()).device.type == "cpu":
+        # megatron allocates the decoder on the current GPU itself; the vision tower is a plain module
+        vision.to(torch.device("cuda", torch.cuda.current_device()))
     mark_tensor_parallel_weights(model)
     if freeze_vision and model.vision_model is not None:
         model.vision_model.requires_grad_(False)

@@ -60,5 +60,18 @@ class Rollout:
 
 @runtime_checkable
 class RolloutEngine(Protocol):
+    """`generate` is the protocol. The trainer also calls these when an engine has them:
+
+    update_weights(named) -> int      one bucket of (HF checkpoint name, full tensor) pairs
+    begin_weight_update() / finish_weight_update()
+                                      around a sync's buckets (vLLM: wake the weights; afterwards
+                                      post-process, check every parameter was written, reset caches)
+    collective = True                 every rank of the engine's model-parallel group holds an
+                                      engine: the source calls generate, the others call
+                                      follow_rollouts() until the source calls finish_rollouts()
+    finish_rollouts()                 on the source after a step's generate calls (vLLM: release
+                                      the followers, sleep until the next sync)
+    """
+
     def generate(self, prompts: Sequence[Any], n: int, sampling: SamplingParams) -> list[Rollout]:
         ...

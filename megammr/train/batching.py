@@ -141,6 +141,30 @@ def make_micro_batches(samples: list[Sample], backbone, *, pad_id: int, micro_ba
     return out
 
 
+def pad_to_multiple(mb: MicroBatch, multiple: int) -> MicroBatch:
+    """Right-pad `mb` in place so that its sequence length is a multiple of `multiple` (FP8 GEMMs
+    need token counts divisible by 16). The new positions are padding like any other: label -100,
+    loss mask 0, position 0, after every real token under the causal mask, so no real position
+    changes. Idempotent; log-probs already attached (old/ref) are padded with zeros too."""
+    s = mb.input_ids.shape[1]
+    extra = -s % max(1, int(multiple))
+    if not extra:
+        return mb
+
+    def grow(t, value):
+        if t is None:
+            return None
+        pad = torch.full((*t.shape[:-1], extra), value, dtype=t.dtype, device=t.device)
+        return torch.cat([t, pad], dim=-1)
+
+    mb.input_ids = grow(mb.input_ids, int(mb.input_ids[0, -1]) if mb.input_ids.numel() else 0)
+    mb.position_ids = grow(mb.position_ids, 0)
+    mb.labels = grow(mb.labels, IGNORE)
+    for name in ("loss_mask", "rollout_logp", "old_logp", "ref_logp"):
+        setattr(mb, name, grow(getattr(mb, name), 0))
+    return mb
+
+
 def filler_micro_batch(backbone, *, pad_id: int, rows: int = 1, seq: int = 1) -> MicroBatch:
     """A fully masked micro-batch: a rank with no sample this step still runs the collective step."""
     ids = torch.full((rows, seq), pad_id, dtype=torch.long)

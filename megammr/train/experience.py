@@ -6,6 +6,11 @@ groups are broadcast to the other ranks of the group, so every TP/PP rank trains
 samples and a layout change never changes the rollouts. Each data-parallel rank owns whole
 groups (all n samples of a prompt): advantages need no communication.
 
+A colocated vLLM engine (`engine.collective`) lives on every rank of the group, and vLLM needs
+every rank of its tensor-parallel group to generate with the same inputs: the source sends each
+generate call to the others (they run `engine.follow_rollouts()`), and the source's
+`engine.finish_rollouts()` ends the step's generation (the engine then sleeps until the next sync).
+
 Replay: with train.save_rollouts every step's groups are written to
 OUTPUT_DIR/rollouts/step_NNNNNN.dpR-of-D.pt; rollout.replay=DIR reads them back instead of
 generating. Replay at another data-parallel size concatenates the step's files in rank order and
@@ -132,7 +137,14 @@ class Experience:
         """This DP rank's groups as train.updates_per_step mini-batches, and the step's statistics."""
         box = [None]
         if self.is_src:
-            box = [self._collect_here(step)]
+            try:
+                box = [self._collect_here(step)]
+            finally:
+                finish = getattr(self.engine, "finish_rollouts", None)
+                if callable(finish):
+                    finish()  # colocated vLLM: release the followers, sleep until the next sync
+        elif getattr(self.engine, "collective", False) and not self.r.rollout.replay:
+            self.engine.follow_rollouts()  # run the source's generate calls with the same inputs
         if dist.is_initialized() and dist.get_world_size(self.mp_group) > 1:
             dist.broadcast_object_list(box, src=self.src, group=self.mp_group)
         return box[0]

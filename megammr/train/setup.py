@@ -17,7 +17,7 @@ from megammr.config_rules import layout_errors
 
 def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
     """Raise RecipeError for a field this run cannot honour; return the rollout engine's name."""
-    errors = layout_errors(r, world_size)  # world size against tp x pp x cp, prompts over DP ranks
+    errors, notes = layout_errors(r, world_size), []  # world size against tp x pp x cp, prompts over DP ranks
     if r.parallel.cp > 1:
         errors.append("parallel.cp > 1: context parallelism is not supported by the trainer (use tp/pp)")
     if r.parallel.sequence_parallel:
@@ -29,15 +29,8 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
     elif not os.path.isfile(os.path.join(r.model.hf_path, "config.json")) and not preparable_tiny(r):
         errors.append(f"model.hf_path {r.model.hf_path}: no config.json there "
                       "(tools/make_tiny_model.py writes a tiny one)")
-    engine = r.rollout.engine
-    if engine == "vllm":
-        errors.append("rollout.engine=vllm: the vLLM engine is not part of this build yet; use 'transformers'")
-    engine = "transformers"
-    defaults = RolloutConfig()
-    for name in ("gpu_memory_utilization", "tp", "enforce_eager"):
-        if getattr(r.rollout, name) != getattr(defaults, name):
-            errors.append(f"rollout.{name} is a vLLM setting: the transformers engine cannot honour it "
-                          f"(remove it or set rollout.engine=vllm)")
+    engine = _check_engine(r, cuda, errors, notes)
+    errors += gpu_model_problems(r, cuda)
     if r.rollout.replay:
         if r.train.save_rollouts:
             errors.append("train.save_rollouts with rollout.replay: a replayed run generates nothing to save")
@@ -53,7 +46,98 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
                               f"{' ...' if len(missing) > 5 else ''} (train.steps={r.train.steps})")
     if errors:
         raise RecipeError(errors)  # every problem, one line each
+    # before the process group exists: the launcher's rank decides who speaks
+    if notes and (dist.get_rank() == 0 if dist.is_initialized() else _launcher_rank() == 0):
+        for note in notes:
+            print(f"megammr train: {note}", flush=True)
     return engine
+
+
+def _launcher_rank() -> int:
+    from megammr.runtime import dist_env_from
+    try:
+        return dist_env_from(os.environ).rank
+    except RuntimeError:
+        return 0
+
+
+VLLM_ONLY = ("gpu_memory_utilization", "tp", "enforce_eager", "max_images", "sleep_level")
+
+
+def rollout_engine(r: Recipe, cuda: bool) -> tuple[str, str]:
+    """(engine name, note): the recipe's rollout.engine resolved for this machine."""
+    from megammr.rollout import resolve_engine
+    from megammr.rollout.vllm_engine import vllm_version
+    return resolve_engine(r.rollout.engine, cuda, vllm_version() is not None)
+
+
+def _check_engine(r: Recipe, cuda: bool, errors: list, notes: list) -> str:
+    engine, note = rollout_engine(r, cuda)
+    if note:
+        notes.append(note)
+    if r.rollout.replay:
+        return engine  # no engine is built
+    if engine == "transformers":
+        defaults = RolloutConfig()
+        for name in VLLM_ONLY:
+            if getattr(r.rollout, name) != getattr(defaults, name):
+                errors.append(f"rollout.{name} is a vLLM setting: the transformers engine cannot honour it "
+                              f"(remove it or set rollout.engine=vllm)")
+        return engine
+    from megammr.rollout.vllm_engine import INSTALL_HINT, version_problems, vllm_version
+    if not cuda:
+        errors.append("rollout.engine=vllm needs CUDA (no GPU is visible); use rollout.engine=transformers on CPU")
+        return engine
+    bad, warnings = version_problems(vllm_version())
+    errors += bad
+    notes += [f"warning: {w}" for w in warnings]
+    if bad and "not installed" in bad[0]:
+        errors[-1] = f"rollout.engine=vllm: vLLM is not installed ({INSTALL_HINT}), or use rollout.engine=transformers"
+    if r.parallel.pp > 1:
+        errors.append("rollout.engine=vllm with parallel.pp > 1: the colocated engine needs its tensor-parallel group "
+                      "to be Megatron's (use pp=1, or rollout.engine=transformers)")
+    if r.rollout.tp not in (None, r.parallel.tp):
+        errors.append(f"rollout.tp={r.rollout.tp} with parallel.tp={r.parallel.tp}: the colocated vLLM engine "
+                      "uses Megatron's tensor-parallel group (leave rollout.tp unset or equal to parallel.tp)")
+    if r.rollout.top_k > 0 or r.rollout.top_p < 1.0:
+        errors.append("rollout.top_k/top_p with rollout.engine=vllm: vLLM's processed log-probs are of the "
+                      "truncated distribution, the trainer recomputes the full one (use top_k=-1, top_p=1)")
+    return engine
+
+
+def gpu_model_problems(r: Recipe, cuda: bool) -> list[str]:
+    """What model.layer_spec=te / precision=fp8 cannot honour on this machine (TE is not imported)."""
+    from megammr.models import te
+    m, out = r.model, []
+    if m.layer_spec != "te":
+        return out
+    if not cuda:
+        return [f"model.layer_spec=te needs CUDA and transformer-engine ({te.INSTALL_HINT}); "
+                "use model.layer_spec=local on CPU"]
+    ver = te.te_version()
+    if ver is None:
+        out.append(f"model.layer_spec=te: transformer-engine is not installed ({te.INSTALL_HINT}), "
+                   "or use model.layer_spec=local")
+    if m.precision == "fp8":
+        cap = torch.cuda.get_device_capability()
+        out += [p for p in te.fp8_problems(m.fp8_recipe, ver, cap, torch.version.cuda) if ver is not None
+                or "transformer-engine" not in p]
+        bb = _backbone_if_known(r)
+        if bb is not None:
+            out += [f"model.precision=fp8: {p} (FP8 GEMMs need it)" for p in te.fp8_shape_problems(bb, r.parallel.tp)]
+    return out
+
+
+def _backbone_if_known(r: Recipe):
+    from megammr.models.backbones import Backbone, get_backbone
+    path = os.path.join(r.model.hf_path or "", "config.json")
+    try:
+        if r.model.hf_path and os.path.isfile(path):
+            with open(path) as f:
+                return Backbone.from_hf_config(json.load(f), name=r.model.backbone)
+        return get_backbone(r.model.backbone)
+    except (ValueError, KeyError, OSError):
+        return None  # reported elsewhere (config.json) or at model build
 
 
 def preparable_tiny(r: Recipe) -> bool:
@@ -190,27 +274,33 @@ def build(r: Recipe, rt) -> Parts:
 
     with open(os.path.join(r.model.hf_path, "config.json")) as f:
         bb = Backbone.from_hf_config(json.load(f), name=r.model.backbone)
+    from megatron.core import parallel_state as ps
+    mp_group, src, is_src = _mp_source()
+    engine_name, _ = rollout_engine(r, torch.cuda.is_available())
+    engine = None
+    if engine_name == "vllm" and not r.rollout.replay:
+        # Before Megatron allocates: vLLM claims gpu_memory_utilization of the whole GPU at start.
+        from megammr.rollout.vllm_engine import VLLMEngine
+        engine = VLLMEngine.from_recipe(r, rt, group=mp_group, leader=src, is_leader=is_src)
     module = build_policy(r, bb)
     ref = build_policy(r, bb, frozen=True) if r.algo.kl_coef > 0 else None
     ddp, opt, sched = build_optimizer(r, module)
-
-    from megatron.core import parallel_state as ps
-    mp_group, src, is_src = _mp_source()
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     processor = load_processor(r.model.hf_path)
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
-    engine = loader = pool = None
+    loader = pool = None
     closers = []
     if is_src and not r.rollout.replay:
         from megammr.data.loader import PhaseDataLoader
         from megammr.rewards.pool import RewardPool
-        from megammr.rollout.hf_engine import TransformersEngine
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[r.model.precision]
-        engine = TransformersEngine.from_pretrained(
-            r.model.hf_path, device=str(rt.device), dtype=dtype, max_batch_sequences=r.rollout.max_batch_sequences,
-            min_pixels=r.data.min_pixels, max_pixels=r.data.max_pixels)
+        if engine_name == "transformers":
+            from megammr.rollout.hf_engine import TransformersEngine
+            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[r.model.precision]
+            engine = TransformersEngine.from_pretrained(
+                r.model.hf_path, device=str(rt.device), dtype=dtype, max_batch_sequences=r.rollout.max_batch_sequences,
+                min_pixels=r.data.min_pixels, max_pixels=r.data.max_pixels)
         loader = PhaseDataLoader(r.data, seed=r.train.seed, dp_rank=dp_rank, dp_size=dp_size, tokenizer=tok)
         pool = RewardPool(r.reward)
         closers += [loader.close, pool.close]

@@ -22,7 +22,7 @@ import torch.distributed as dist
 
 from megammr.algo import policy_loss
 from megammr.kernels import logprobs_from_logits
-from megammr.train.batching import MicroBatch
+from megammr.train.batching import MicroBatch, pad_to_multiple
 
 # Per-step sums reported by the last pipeline stage (index order of the packed metrics tensor).
 SUM_KEYS = ("loss", "count", "tokens", "kl", "clip", "entropy", "logp_diff")
@@ -33,9 +33,24 @@ def _forward(model, mb: MicroBatch):
                  pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
 
 
+def _fp8_pad(model, mbs: list[MicroBatch]) -> None:
+    """FP8 GEMMs need token counts divisible by 16 (32 for mxfp8): pad every micro-batch's sequence
+    in place (once; the old/ref log-prob passes and the update then see the same shapes)."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not getattr(cfg, "fp8", None):
+        return
+    from megammr.models.te import fp8_pad_multiple
+    for mb in mbs:
+        pad_to_multiple(mb, fp8_pad_multiple(getattr(cfg, "fp8_recipe", None)))
+
+
 def _schedule(model, mbs: list[MicroBatch], forward_step, forward_only: bool, collect_non_loss: bool = False):
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    _fp8_pad(model, mbs)
+    dev = _device()
+    for mb in mbs:  # batching builds them on the CPU; the model may be on a GPU (no-op on CPU)
+        mb.to(dev)
     seq, rows = mbs[0].shape[1], mbs[0].shape[0]  # shapes are fixed under PP (see batching)
     return get_forward_backward_func()(
         forward_step_func=forward_step, data_iterator=iter(mbs), model=[model], num_microbatches=len(mbs),

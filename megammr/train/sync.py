@@ -10,6 +10,12 @@ order that every rank derives from the backbone alone:
      (later stages) and loaded by the source rank.
 No rank ever holds more than one bucket plus one global tensor in flight, so memory stays bounded
 whatever the model size. Every data-parallel replica syncs its own engine in parallel.
+
+A colocated vLLM engine lives on every tensor rank of the first stage (its TP group is Megatron's);
+each of those ranks then converts the gathered tensors itself and loads the same buckets in
+lockstep (vLLM slices its own shard). Engines with begin_weight_update/finish_weight_update get
+them called around the buckets. Timings: gather (TP all-gather), convert (Megatron -> HF),
+load (the engine's update_weights), seconds of this rank.
 """
 from __future__ import annotations
 
@@ -76,6 +82,7 @@ class WeightSync:
         self.offset = (layers[0].layer_number - 1) if len(layers) else 0
         self.order = _tensor_order(self.bb)
         self.timings: dict[str, float] = {}
+        self._clock = {"gather": 0.0, "convert": 0.0, "load": 0.0}
 
     def _local(self, suffix: str, layer: Optional[int]) -> torch.Tensor:
         sd = self._sd
@@ -85,16 +92,22 @@ class WeightSync:
     def _my_hf_tensors(self, stage: int) -> Iterator[tuple[str, torch.Tensor]]:
         """HF tensors owned by `stage` (this rank's stage): TP-gathered on every tensor rank of the
         stage (a collective), converted and yielded on tensor rank 0 only."""
+        converts = self.tp_rank == 0 or (self.engine is not None and stage == 0)
         for suffix, layer, key in self.order:
             if _owner_stage(key, layer, self.bb.num_layers, self.pp) != stage:
                 continue
+            t0 = time.perf_counter()
             full = _tp_gather(self._local(suffix, layer), key, self.tp_group, self.tp)
-            if self.tp_rank != 0:
+            t1 = time.perf_counter()
+            self._clock["gather"] += t1 - t0
+            if not converts:
                 continue
             if layer is None:
-                yield global_nonlayer_keys(self.bb)[key], full
+                out = {global_nonlayer_keys(self.bb)[key]: full}
             else:
-                yield from global_layer_to_hf(full, self.bb, layer, key).items()
+                out = global_layer_to_hf(full, self.bb, layer, key)
+            self._clock["convert"] += time.perf_counter() - t1
+            yield from out.items()
 
     def _buckets(self, stage: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
         bucket, size = [], 0
@@ -112,11 +125,15 @@ class WeightSync:
         """Push the current weights; returns timings (seconds) and counts of this rank."""
         t0 = time.perf_counter()
         self._sd = self.model.state_dict(keep_vars=True)
+        self._clock = {"gather": 0.0, "convert": 0.0, "load": 0.0}
         loaded, sent = 0, 0
+        begin = getattr(self.engine, "begin_weight_update", None)
+        if callable(begin):
+            begin()
         if self.stage == 0:
             for bucket in self._buckets(0):
                 if self.engine is not None:
-                    loaded += self.engine.update_weights(bucket) or len(bucket)
+                    loaded += self._load(bucket)
         elif self.tp_rank != 0:
             for _ in self._buckets(self.stage):  # the TP all-gathers are collective: take part
                 pass
@@ -131,8 +148,20 @@ class WeightSync:
                     loaded += loaded_now
                     sent += sent_now
         self._sd = None
-        self.timings = {"time": time.perf_counter() - t0, "tensors_loaded": loaded, "tensors_sent": sent}
+        finish = getattr(self.engine, "finish_weight_update", None)
+        if callable(finish):
+            t1 = time.perf_counter()
+            finish()
+            self._clock["load"] += time.perf_counter() - t1
+        self.timings = {"time": time.perf_counter() - t0, "tensors_loaded": loaded, "tensors_sent": sent,
+                        **{f"{k}_s": v for k, v in self._clock.items()}}
         return self.timings
+
+    def _load(self, bucket) -> int:
+        t0 = time.perf_counter()
+        n = self.engine.update_weights(bucket) or len(bucket)
+        self._clock["load"] += time.perf_counter() - t0
+        return n
 
     def _transfer(self, mine, src: int):
         """One bucket from pipeline stage `src` over the pipeline group: (loaded, sent), None when done."""
@@ -161,7 +190,7 @@ class WeightSync:
             n = int(torch.Size(shape).numel())
             tensors.append((name, flat[off:off + n].view(shape)))
             off += n
-        return self.engine.update_weights(tensors) or len(tensors), 0
+        return self._load(tensors), 0
 
 
 
