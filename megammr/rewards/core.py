@@ -13,20 +13,21 @@ from typing import Any, Optional
 
 from megammr.rewards import extract as ex
 
-# The verifier's own knobs, passed to workers as plain data. Defaults come from RewardConfig
-# (see `Weights.from_config`); the values here only serve direct calls in tests.
 
 
 @dataclass(frozen=True)
 class Weights:
+    """The verifier's knobs: the part of RewardConfig a worker needs, passed to it as plain data.
+    No defaults here (they live in RewardConfig): build it with `Weights.from_config(cfg)`."""
     format_weight: float
     accuracy_weight: float
-    require_think: bool = True
-    require_answer_tag: bool = True
-    max_answer_chars: int = 1000
+    require_think: bool
+    require_answer_tag: bool
+    max_answer_chars: int
 
     @classmethod
     def from_config(cls, cfg) -> "Weights":
+        """From a recipe's RewardConfig section."""
         return cls(cfg.format_weight, cfg.accuracy_weight, cfg.require_think, cfg.require_answer_tag,
                    cfg.max_answer_chars)
 
@@ -55,7 +56,7 @@ class RewardResult:
 _ready = False
 
 
-def _ensure_ready():
+def ensure_ready():
     """Import math-verify and close its eval path once per process (see safe_parse)."""
     global _ready
     if not _ready:
@@ -194,7 +195,7 @@ def math_equal(gold: str, pred: str, pred_boxed: bool = True) -> bool:
         pred = _strip_unit(pred)
         if _plain_equal(gold, pred):
             return True
-    _ensure_ready()
+    ensure_ready()
     from math_verify import verify
     g = _parsed(gold, from_boxed=not _looks_like_prose(gold))
     p = _parsed(pred, from_boxed=pred_boxed)
