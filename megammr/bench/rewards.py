@@ -127,7 +127,7 @@ def cache_report(items, weights, warm_items) -> dict:
     core.ensure_ready()
     for it in warm_items:  # first-use costs (lazy imports, parser tables), as in the pool's warm-up
         score_item(it, weights)
-    cached = core._parse
+    cached = core.parse
     raw = cached.__wrapped__
     refs = set()
     for it in items:
@@ -150,14 +150,14 @@ def cache_report(items, weights, warm_items) -> dict:
                 counts["hits_" + side] += cached.cache_info().hits - before
                 return res
 
-            core._parse = parse
+            core.parse = parse
             c0, t0 = time.process_time(), time.perf_counter()
             for it in items:
                 score_item(it, weights)
             out[mode] = dict(counts, cpu_s=round(time.process_time() - c0, 2),
                              wall_s=round(time.perf_counter() - t0, 2))
     finally:
-        core._parse = cached
+        core.parse = cached
         cached.cache_clear()
     return out
 

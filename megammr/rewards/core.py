@@ -77,9 +77,9 @@ def _warmup():
              ("x=3", "3"), ("50\\%", "0.5"), ("30^\\circ", "\\frac{\\pi}{6}"), ("\\sqrt{2}", "1.41"),
              ("1 < x < 2", "(1,2)"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)"), ("5 cm", "5")]
     for g, p in pairs:
-        verify(_parse(g, True), _parse(p, True), timeout_seconds=None)
-        verify(_parse(g, False), _parse(p, False), timeout_seconds=None)
-    _parse.cache_clear()
+        verify(parse(g, True), parse(p, True), timeout_seconds=None)
+        verify(parse(g, False), parse(p, False), timeout_seconds=None)
+    parse.cache_clear()
 
 
 _PROSE = re.compile(r"[A-Za-z]{3,}")
@@ -95,20 +95,23 @@ def _looks_like_prose(s: str) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def _parse(text: str, boxed: bool) -> tuple:
-    """math-verify parse, signal timeout off (enforced by the pool); cached because gold answers
-    repeat n times per prompt."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+def parse(text: str, boxed: bool) -> tuple:
+    """math-verify parse, signal timeout off (enforced by the pool); cached (gold and predicted
+    answers alike) because a gold answer repeats n times per prompt and a group's responses repeat
+    answers. The module-level name is what the verifier calls, so `megammr bench rewards
+    --cache-report` can route calls past the cache to measure what it saves."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+    from math_verify import parse as math_verify_parse
     cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
     src = "\\boxed{" + text + "}" if boxed else text
-    return tuple(parse(src, cfg, parsing_timeout=None))
+    return tuple(math_verify_parse(src, cfg, parsing_timeout=None))
 
 
 def _parsed(text: str, from_boxed: bool) -> list:
     first = from_boxed or not _looks_like_prose(text)
-    out = _parse(text, first)
+    out = parse(text, first)
     if not out and not from_boxed:
-        out = _parse(text, not first)
+        out = parse(text, not first)
     return list(out)
 
 

@@ -22,8 +22,8 @@ def _parse_keys_per_item(items, monkeypatch):
     from megammr.config import RewardConfig
 
     core.ensure_ready()  # its warm-up parses trusted constants; not part of any item
-    raw, seen = core._parse.__wrapped__, []
-    monkeypatch.setattr(core, "_parse", lambda text, boxed: (seen[-1].add((text, boxed)), raw(text, boxed))[1])
+    raw, seen = core.parse.__wrapped__, []
+    monkeypatch.setattr(core, "parse", lambda text, boxed: (seen[-1].add((text, boxed)), raw(text, boxed))[1])
     w = Weights.from_config(RewardConfig())
     for it in items:
         seen.append(set())
@@ -79,9 +79,9 @@ def test_cache_report_counts_hits_by_side():
     from megammr.rewards.core import Weights
 
     w = Weights.from_config(RewardConfig())
-    shipped = core._parse
+    shipped = core.parse
     g16 = cache_report(make_mix(96, 16), w, make_mix(8, 16, seed=1, first=groups_in(96, 16)))
-    assert core._parse is shipped  # the benchmark's swap is undone
+    assert core.parse is shipped  # the benchmark's swap is undone
     a, p, n = g16["as shipped"], g16["predictions not cached"], g16["nothing cached"]
     assert a["hits_reference"] > 0 and a["hits_prediction"] > 0
     assert p["hits_reference"] == a["hits_reference"] and p["hits_prediction"] == 0
