@@ -1,6 +1,6 @@
 """Only the package list lives here; everything else is in pyproject.toml.
 
-kernels/ is a top-level folder of the repository (DESIGN.md layout) that installs as
+kernels/ is a top-level folder of the repository (docs/ARCHITECTURE.md, Modules) that installs as
 megammr.kernels. setuptools' packages.find cannot rename a folder, so the mapping is
 built here; megammr/__init__.py resolves the same mapping for a source checkout.
 """

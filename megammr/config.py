@@ -55,6 +55,7 @@ class ParallelConfig:
     pp: int = F(1, "Pipeline-parallel size of the language decoder.")
     cp: int = F(1, "Context-parallel size (optional; 1 disables).")
     sequence_parallel: bool = F(False, "Megatron sequence parallelism (needs tp > 1 and TE or apex norms).")
+    dist_timeout_s: float = F(600.0, "torch.distributed timeout in seconds: a rank that waits longer than this for the others in a collective fails instead of hanging.")
     # dp is derived: world_size // (tp * pp * cp); see Recipe.data_parallel_size.
 
 

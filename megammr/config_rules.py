@@ -20,6 +20,7 @@ def _rules(r: Recipe) -> list[tuple[tuple[str, ...], bool, str]]:
     return [
         (("parallel.tp", "parallel.pp", "parallel.cp"), p.tp >= 1 and p.pp >= 1 and p.cp >= 1,
          "parallel.tp, pp and cp must be >= 1"),
+        (("parallel.dist_timeout_s",), p.dist_timeout_s > 0, "parallel.dist_timeout_s must be > 0"),
         (("parallel.sequence_parallel", "parallel.tp"), not p.sequence_parallel or p.tp > 1,
          "parallel.sequence_parallel needs parallel.tp > 1"),
         (("model.precision", "model.layer_spec"), m.precision != "fp8" or m.layer_spec == "te",

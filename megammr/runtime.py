@@ -126,7 +126,7 @@ def seed_everything(seed: int) -> None:
         model_parallel_cuda_manual_seed(seed)
 
 
-def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None, timeout_s: float = 600) -> Runtime:
+def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None) -> Runtime:
     """Start torch.distributed and megatron parallel_state for this recipe; seed every RNG."""
     env = dist_env_from(os.environ if environ is None else environ)
     cuda = torch.cuda.is_available()
@@ -147,7 +147,7 @@ def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None, timeout_s:
             env = dataclasses.replace(env, master_port=_free_port(env.master_addr))
         dist.init_process_group(
             backend=backend, init_method=f"tcp://{env.master_addr}:{env.master_port}",
-            rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=timeout_s),
+            rank=env.rank, world_size=env.world_size, timeout=datetime.timedelta(seconds=recipe.parallel.dist_timeout_s),
         )
     from megatron.core import parallel_state as ps
     if ps.model_parallel_is_initialized() and (ps.get_tensor_model_parallel_world_size(), 

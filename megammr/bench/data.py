@@ -18,7 +18,8 @@ import time
 
 def add_arguments(p):
     p.add_argument("--samples", type=int, default=512, help="records in the benchmark shards")
-    p.add_argument("--workers", type=int, default=2, help="loader worker processes (both loaders)")
+    p.add_argument("--workers", type=int, default=None,
+                   help="loader worker processes of both loaders (default: the recipe default, data.num_workers)")
     p.add_argument("--image-size", type=int, default=448, help="side of the square PNG images")
     p.add_argument("--max-pixels", type=int, default=None, help="Qwen2.5-VL max_pixels (default: the recipe default)")
     p.add_argument("--work-dir", default=None, help="where to build the shards (default: a temporary directory)")
@@ -95,6 +96,7 @@ def run(args) -> int:
     from megammr.config import DataConfig
     d = DataConfig()
     max_pixels = args.max_pixels or d.max_pixels
+    workers = d.num_workers if args.workers is None else args.workers
     tmp = None
     work = args.work_dir
     if work is None:
@@ -106,12 +108,12 @@ def run(args) -> int:
         print(f"built {args.samples} phase-3 records ({args.image_size}x{args.image_size} PNG) in "
               f"{time.perf_counter() - t:.1f}s")
         torch.set_num_threads(1)  # workers do the work; keep the main process from competing for cores
-        rows = [("plain webdataset", bench_webdataset(shards, args.samples, args.workers, d.min_pixels, max_pixels)),
-                ("energon (megammr)", bench_energon(shards, args.samples, args.workers, d.min_pixels, max_pixels))]
+        rows = [("plain webdataset", bench_webdataset(shards, args.samples, workers, d.min_pixels, max_pixels)),
+                ("energon (megammr)", bench_energon(shards, args.samples, workers, d.min_pixels, max_pixels))]
     finally:
         if tmp is not None:
             tmp.cleanup()
-    print(f"\nmegammr bench data: {args.samples} samples, {args.workers} workers, PNG decode + Qwen2.5-VL "
+    print(f"\nmegammr bench data: {args.samples} samples, {workers} workers, PNG decode + Qwen2.5-VL "
           f"preprocessing (max_pixels {max_pixels}) + prompt rendering; {platform.machine()}, "
           f"{os.cpu_count()} CPUs")
     print(f"{'loader':<20} {'samples/s (steady)':>20} {'samples/s (incl. start-up)':>28} {'first sample (s)':>18}")

@@ -130,7 +130,7 @@ def measure(args, bb, spec: str, precision: str, device_name: Optional[str]) -> 
 
     r = load_recipe(None, [f"model.layer_spec={spec}", f"model.precision={precision}",
                            f"model.fp8_recipe={args.fp8_recipe}", "optim.lr=1e-7", "algo.kl_coef=0"])
-    module = build_model(bb, spec, precision, args.fp8_recipe, perform_initialization=True)
+    module = build_model(bb, r.model, perform_initialization=True)
     if torch.cuda.is_available():
         module.cuda()
     module.config.calculate_per_token_loss = True
@@ -210,7 +210,7 @@ def run_vllm(args, bb, device_name) -> dict:
     if vllm_version() is None:
         return {"skipped": 'vllm is not installed (pip install -e ".[gpu]")'}
     from megammr import runtime
-    from megammr.config import load_recipe
+    from megammr.config import ModelConfig, load_recipe
     from megammr.models.tiny import write_tiny_model
     from megammr.models.vlm import build_model
     from megammr.rollout import RolloutPrompt, SamplingParams
@@ -235,7 +235,7 @@ def run_vllm(args, bb, device_name) -> dict:
             eng = VLLMEngine.from_recipe(r, rt, group=None, leader=0, is_leader=True)
         except EngineUnavailable as e:
             return {"skipped": str(e)}
-        module = build_model(bb, "local", "bf16", perform_initialization=True).cuda()
+        module = build_model(bb, ModelConfig(layer_spec="local", precision="bf16"), perform_initialization=True).cuda()
         sync = WeightSync(module, eng, args.bucket_mb)
         t = sync.sync()
         prompts = [RolloutPrompt(text=f"<|im_start|>user\nCount to {i}.<|im_end|>\n<|im_start|>assistant\n")

@@ -14,7 +14,8 @@ libtorch code paged in, are not counted), resets the kernel's peak-RSS counter
 (/proc/self/clear_refs) once its inputs exist, and reports VmHWM - VmRSS at that point: every
 byte the variant allocated beyond them, the gradient included. Results are compared with the
 naive variant of the same mode: loss, log-probs, entropy and a slice of dlogits for training,
-log-probs and entropy for the -nograd pair.
+log-probs and entropy for the -nograd pair. Time of the one call: wall seconds, and the process's
+CPU seconds (user + system over all threads), which a busy machine does not inflate.
 
 GPU (only when CUDA is present): median ms by triton.testing.do_bench, achieved GB/s and its
 fraction of the measured copy bandwidth for the from-logits kernels, TFLOP/s and fraction of the
@@ -164,17 +165,21 @@ def _child(variant, T, V, temperature, out_path):
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS: the baseline is "inputs allocated"
     base = _status()["VmRSS"]
-    t0 = time.perf_counter()
+    # Wall time counts every moment another process held the cores; on a shared machine it swings
+    # by 2-3x between runs of the same variant. The process's own CPU time (user + system, all
+    # threads) counts only the work done, page faults of a fresh gradient buffer included.
+    c0, t0 = os.times(), time.perf_counter()
     res = _run_variant(variant, inputs, temperature)
-    secs = time.perf_counter() - t0
+    secs, c1 = time.perf_counter() - t0, os.times()
+    cpu = dict(secs=secs, user_s=c1.user - c0.user, sys_s=c1.system - c0.system)
     peak = _status()["VmHWM"]
     if variant.endswith(NOGRAD_SUFFIX):
         logp, ent = res
-        torch.save(dict(logp=logp, ent=ent, extra=peak - base, base=base, secs=secs), out_path)
+        torch.save(dict(logp=logp, ent=ent, extra=peak - base, base=base, **cpu), out_path)
         return
     loss, logp, ent, dlogits = res
     torch.save(dict(loss=loss, logp=logp, ent=ent, dlogits_rows=dlogits[:16].clone(),
-                    dlogits_norm=torch.linalg.vector_norm(dlogits), extra=peak - base, base=base, secs=secs), out_path)
+                    dlogits_norm=torch.linalg.vector_norm(dlogits), extra=peak - base, base=base, **cpu), out_path)
 
 
 def _rel(a, b):
@@ -213,7 +218,8 @@ def run_cpu(args) -> dict:
         nograd = v.endswith(NOGRAD_SUFFIX)
         ref_name = "naive-nograd" if nograd else "naive"
         row = dict(variant=v, mode="forward" if nograd else "train", extra_gib=r["extra"] / 2**30,
-                   extra_over_logits=r["extra"] / input_bytes, seconds=r["secs"])
+                   extra_over_logits=r["extra"] / input_bytes, seconds=r["secs"], cpu_user_s=r["user_s"],
+                   cpu_sys_s=r["sys_s"])
         if nograd:
             row["temperature"] = temperature
         ref = results.get(ref_name)
@@ -233,11 +239,11 @@ def run_cpu(args) -> dict:
         print(f"\nCPU: extra peak memory above inputs (logits fp32 [{T}, {V}] = {input_bytes / 2**30:.2f} GiB), "
               f"{what[mode]}; fresh process per variant")
         print(f"{'variant':13s} {'extra GiB':>10s} {'x logits':>9s} {'naive/this':>11s} {'max rel err':>12s} "
-              f"{'s':>7s}")
+              f"{'wall s':>7s} {'cpu s':>7s} {'of it sys':>9s}")
         for r in sel:
             print(f"{r['variant']:13s} {r['extra_gib']:10.3f} {r['extra_over_logits']:9.3f} "
                   f"{r.get('ratio_vs_naive', float('nan')):11.1f} {r.get('rel_err', float('nan')):12.2e} "
-                  f"{r['seconds']:7.1f}")
+                  f"{r['seconds']:7.1f} {r['cpu_user_s'] + r['cpu_sys_s']:7.1f} {r['cpu_sys_s']:9.1f}")
     return dict(T=T, V=V, dtype="fp32", temperature=temperature, rows=rows, failed=failed, machine=_machine())
 
 

@@ -472,7 +472,11 @@ def hf_compute(params: dict, batches) -> dict:
 
 def run_worker(args, recipe, prompts: list[dict], batches, work: str, *, trl: bool, hf: bool) -> dict:
     """HF compute and/or TRL's GRPOTrainer in a fresh interpreter (see _worker)."""
+    import dataclasses
+
     import torch
+
+    from megammr.rewards.core import Weights
     spec = {
         "threads": torch.get_num_threads(), "trl": trl, "hf": hf, "compute": _compute_params(recipe),
         "model": recipe.model.hf_path, "out": work, "prompts": prompts,
@@ -482,10 +486,7 @@ def run_worker(args, recipe, prompts: list[dict], batches, work: str, *, trl: bo
         "beta": recipe.algo.kl_coef, "epsilon": recipe.algo.clip_low, "epsilon_high": recipe.algo.clip_high,
         "lr": recipe.optim.lr, "max_grad_norm": recipe.optim.clip_grad, "seed": recipe.train.seed,
         "weight_decay": recipe.optim.weight_decay,
-        "reward": {"format_weight": recipe.reward.format_weight, "accuracy_weight": recipe.reward.accuracy_weight,
-                   "require_think": recipe.reward.require_think,
-                   "require_answer_tag": recipe.reward.require_answer_tag,
-                   "max_answer_chars": recipe.reward.max_answer_chars},
+        "reward": dataclasses.asdict(Weights.from_config(recipe.reward)),
     }
     os.makedirs(work, exist_ok=True)
     spec_path, result_path = os.path.join(work, "spec.json"), os.path.join(work, "result.json")

@@ -20,7 +20,7 @@ from typing import Optional
 
 from megammr.data.images import decode_image
 from megammr.data.prompts import DEFAULT_QWEN_SYSTEM, build_messages, render_chat
-from megammr.data.schema import RecordError, _is_plain_json, count_rows, read_rows, validate
+from megammr.data.schema import RecordError, count_rows, is_plain_json, read_rows, validate
 
 CAPTION_INSTRUCTION = (
     "Describe this image in detail for someone who cannot see it: every object, shape, number, label, "
@@ -123,7 +123,7 @@ def caption_file(input_path: str, out: str, engine, *, sampling, batch_size: int
             if rec.id in done:
                 s.already_done += 1
                 continue
-            d = {k: v for k, v in row.data.items() if k == "images" or _is_plain_json(v)}
+            d = {k: v for k, v in row.data.items() if k == "images" or is_plain_json(v)}
             d["images"] = [_output_image(ref, blob, ext, rec.id, i, in_dir, out)
                            for i, (ref, blob, ext) in enumerate(zip(d.get("images") or [], rec.images, rec.image_exts))]
             if not recaption and isinstance(d.get("caption"), str) and d["caption"].strip():

@@ -29,7 +29,8 @@ VISION_START, IMAGE_PAD, VISION_END = "<|vision_start|>", "<|image_pad|>", "<|vi
 IMAGE_PLACEHOLDER = VISION_START + IMAGE_PAD + VISION_END
 DEFAULT_QWEN_SYSTEM = "You are a helpful assistant."
 
-# The rule-based format reward checks exactly this shape (DESIGN.md: strict <think>/<answer>).
+# The rule-based format reward checks exactly this shape (megammr.rewards.extract.format_ok;
+# docs/ARCHITECTURE.md: strict <think>/<answer>).
 SYSTEM_PROMPT = (
     "You are a helpful assistant. Solve the user's problem step by step. First reason about it "
     "inside <think> </think> tags, then give only the final answer inside <answer> </answer> tags, "

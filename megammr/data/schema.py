@@ -219,7 +219,7 @@ def validate(row: RawRow, phase: int, *, max_image_pixels: int = DEFAULT_MAX_IMA
         exts.append(check_image(data, f"images[{i}]", err, max_image_pixels))
         blobs.append(data)
 
-    extra = {k: v for k, v in d.items() if k not in _KNOWN and _is_plain_json(v)}
+    extra = {k: v for k, v in d.items() if k not in _KNOWN and is_plain_json(v)}
     return Record(id=rid, question=question, answer=answer, source=source, images=blobs,
                   image_exts=exts, caption=caption, choices=choices, extra=extra)
 
@@ -285,7 +285,8 @@ def check_image(data: bytes, fld: str, err, max_image_pixels: int) -> str:
     return _FORMAT_EXT.get(fmt, fmt.lower())
 
 
-def _is_plain_json(v) -> bool:
+def is_plain_json(v) -> bool:
+    """Whether a record field survives json.dumps (extra fields that do not are dropped)."""
     try:
         json.dumps(v)
         return True

@@ -24,7 +24,7 @@ import torch
 
 from megammr.models.backbones import Backbone
 from megammr.models.mapping import (DEC, LAYER_KEYS, LM, CheckpointError, HFReader, global_nonlayer_keys,
-                                    hf_layer_to_global, iter_hf_from_global, normalize_hf_name)
+                                    hf_layer_to_global, iter_hf_from_global)
 
 HF_META_DIR = "hf"
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -48,7 +48,6 @@ def _plan_items(bb: Backbone, reader: HFReader):
     from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
 
     items: list[tuple[WriteItem, Callable]] = []
-    dtype_of = {}
 
     def tensor_item(key, gshape, offsets, sizes, dtype, producer):
         idx = MetadataIndex(key, torch.Size(offsets))
@@ -58,7 +57,7 @@ def _plan_items(bb: Backbone, reader: HFReader):
 
     shapes = reader.expected
     for key, hf in global_nonlayer_keys(bb).items():
-        dt = _dtype(reader, hf, dtype_of)
+        dt = _dtype(reader, hf)
         tensor_item(key, shapes[hf], [0] * len(shapes[hf]), shapes[hf], dt, lambda hf=hf: reader.get(hf).contiguous())
     L = bb.num_layers
     for short, hf_parts in LAYER_KEYS.items():
@@ -66,7 +65,7 @@ def _plan_items(bb: Backbone, reader: HFReader):
         probe = {n: shapes[f"model.layers.0.{n}"] for n in hf_parts}
         rows = sum(s[0] for s in probe.values())
         shape = (rows, *next(iter(probe.values()))[1:])
-        dt = _dtype(reader, f"model.layers.0.{hf_parts[0]}", dtype_of)
+        dt = _dtype(reader, f"model.layers.0.{hf_parts[0]}")
         for layer in range(L):
             tensor_item(key, (L, *shape), (layer,) + (0,) * len(shape), (1, *shape), dt,
                         lambda layer=layer, short=short: hf_layer_to_global(reader.get, bb, layer, short)[None].contiguous())
@@ -79,15 +78,12 @@ def _plan_items(bb: Backbone, reader: HFReader):
     return items
 
 
-def _dtype(reader: HFReader, name: str, cache: dict) -> torch.dtype:
-    fname = reader.files[name]
-    with reader._open(fname) as f:
-        raw = reader._raw.setdefault(fname, {normalize_hf_name(k): k for k in f.keys()})
-        st = f.get_slice(raw[name]).get_dtype()
+def _dtype(reader: HFReader, name: str) -> torch.dtype:
+    st = reader.dtype(name)
     dt = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}.get(st)
     if dt is None:
-        raise CheckpointError(f"{reader.path}/{fname}: tensor {name} has dtype {st}; only F32, BF16 and F16 "
-                              "are supported")
+        raise CheckpointError(f"{reader.path}/{reader.files[name]}: tensor {name} has dtype {st}; only F32, BF16 "
+                              "and F16 are supported")
     return dt
 
 

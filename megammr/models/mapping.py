@@ -57,8 +57,45 @@ def normalize_hf_name(name: str) -> str:
 
 
 # ----------------------------------------------------------------------------- HF expected tensors
+def hf_param_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
+    """Checkpoint tensor names and shapes of a hub-format Qwen2.5-VL config (published key names)."""
+    v = cfg["vision_config"]
+    H, I, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
+    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    d = H // nh
+    vh, vi = v["hidden_size"], v["intermediate_size"]
+    p, tp_, m = v["patch_size"], v["temporal_patch_size"], v["spatial_merge_size"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "visual.patch_embed.proj.weight": (vh, v.get("in_chans", v.get("in_channels", 3)), tp_, p, p)}
+    for i in range(v["depth"]):
+        b = f"visual.blocks.{i}."
+        shapes.update({b + "norm1.weight": (vh,), b + "norm2.weight": (vh,),
+                       b + "attn.qkv.weight": (3 * vh, vh), b + "attn.qkv.bias": (3 * vh,),
+                       b + "attn.proj.weight": (vh, vh), b + "attn.proj.bias": (vh,),
+                       b + "mlp.gate_proj.weight": (vi, vh), b + "mlp.gate_proj.bias": (vi,),
+                       b + "mlp.up_proj.weight": (vi, vh), b + "mlp.up_proj.bias": (vi,),
+                       b + "mlp.down_proj.weight": (vh, vi), b + "mlp.down_proj.bias": (vh,)})
+    mh = vh * m * m
+    shapes.update({"visual.merger.ln_q.weight": (vh,), "visual.merger.mlp.0.weight": (mh, mh),
+                   "visual.merger.mlp.0.bias": (mh,), "visual.merger.mlp.2.weight": (v["out_hidden_size"], mh),
+                   "visual.merger.mlp.2.bias": (v["out_hidden_size"],)})
+    shapes["model.embed_tokens.weight"] = (cfg["vocab_size"], H)
+    for i in range(L):
+        b = f"model.layers.{i}."
+        shapes.update({b + "input_layernorm.weight": (H,), b + "post_attention_layernorm.weight": (H,),
+                       b + "self_attn.q_proj.weight": (nh * d, H), b + "self_attn.q_proj.bias": (nh * d,),
+                       b + "self_attn.k_proj.weight": (nkv * d, H), b + "self_attn.k_proj.bias": (nkv * d,),
+                       b + "self_attn.v_proj.weight": (nkv * d, H), b + "self_attn.v_proj.bias": (nkv * d,),
+                       b + "self_attn.o_proj.weight": (H, nh * d),
+                       b + "mlp.gate_proj.weight": (I, H), b + "mlp.up_proj.weight": (I, H),
+                       b + "mlp.down_proj.weight": (H, I)})
+    shapes["model.norm.weight"] = (H,)
+    if not cfg.get("tie_word_embeddings", False):
+        shapes["lm_head.weight"] = (cfg["vocab_size"], H)
+    return shapes
+
+
 def hf_shapes(bb: Backbone) -> dict[str, tuple[int, ...]]:
-    from megammr.models.tiny import hf_param_shapes
     return hf_param_shapes(bb.to_hf_config())
 
 
@@ -123,12 +160,8 @@ class HFReader:
             by_file.setdefault(self.files[name], []).append(name)
         for fname, names in sorted(by_file.items()):
             with self._open(fname) as f:
-                raw = self._raw.setdefault(fname, {normalize_hf_name(k): k for k in f.keys()})
                 for name in names:
-                    if name not in raw:
-                        raise CheckpointError(f"{self.path}/{fname}: tensor {name} not in the file "
-                                              "(model.safetensors.index.json says it is)")
-                    shape = tuple(f.get_slice(raw[name]).get_shape())
+                    shape = tuple(f.get_slice(self._key_in_file(f, fname, name)).get_shape())
                     if shape != tuple(self.expected[name]):
                         raise CheckpointError(f"{self.path}/{fname}: tensor {name} has shape {shape}, "
                                               f"expected {tuple(self.expected[name])} from config.json")
@@ -137,18 +170,30 @@ class HFReader:
                 raise CheckpointError(f"{self.path}: config.json says tie_word_embeddings=true but lm_head.weight "
                                       "differs from model.embed_tokens.weight (it would be dropped)")
 
+    def _key_in_file(self, f, fname: str, name: str) -> str:
+        """The name a normalised tensor name has inside the open file `f` (names read once per file)."""
+        keys = self._raw.get(fname)
+        if keys is None:
+            keys = self._raw[fname] = {normalize_hf_name(k): k for k in f.keys()}
+        if name not in keys:
+            raise CheckpointError(f"{self.path}/{fname}: tensor {name} not in the file "
+                                  "(model.safetensors.index.json says it is)")
+        return keys[name]
+
+    def dtype(self, name: str) -> str:
+        """The safetensors dtype of a tensor ('F32', 'BF16', ...), from the file header only."""
+        fname = self.files.get(name)
+        if fname is None:
+            raise CheckpointError(f"{self.path}: tensor {name} not found")
+        with self._open(fname) as f:
+            return f.get_slice(self._key_in_file(f, fname, name)).get_dtype()
+
     def get(self, name: str) -> torch.Tensor:
         fname = self.files.get(name)
         if fname is None:
             raise CheckpointError(f"{self.path}: tensor {name} not found")
         with self._open(fname) as f:
-            keys = self._raw.get(fname)
-            if keys is None:
-                keys = self._raw[fname] = {normalize_hf_name(k): k for k in f.keys()}
-            if name not in keys:
-                raise CheckpointError(f"{self.path}/{fname}: tensor {name} not in the file "
-                                      "(model.safetensors.index.json says it is)")
-            t = f.get_tensor(keys[name])
+            t = f.get_tensor(self._key_in_file(f, fname, name))
         exp = self.expected.get(name)
         if exp is not None and tuple(t.shape) != tuple(exp):
             raise CheckpointError(f"{self.path}/{fname}: tensor {name} has shape {tuple(t.shape)}, "
@@ -269,7 +314,7 @@ def _layer_offset(model) -> int:
 
 
 __all__ = ["CheckpointError", "HFReader", "LAYER_KEYS", "global_layer_to_hf", "global_nonlayer_keys",
-           "hf_layer_to_global", "load_hf_into_model", "local_to_global_name", "normalize_hf_name",
+           "hf_layer_to_global", "hf_param_shapes", "hf_shapes", "load_hf_into_model", "local_to_global_name", "normalize_hf_name",
            "qkv_interleave", "qkv_split", "tp_slice"]
 
 

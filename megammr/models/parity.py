@@ -116,7 +116,7 @@ def main(argv=None):
     for i, hf_dir in enumerate(args.hf):
         with open(os.path.join(hf_dir, "config.json")) as f:
             bb = Backbone.from_hf_config(json.load(f))
-        model = build_model(bb, "local", "fp32", perform_initialization=False)
+        model = build_model(bb, recipe.model, perform_initialization=False)
         if i < len(args.ckpt):
             load_mcore_checkpoint(model, args.ckpt[i])
         else:

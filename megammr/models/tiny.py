@@ -24,6 +24,8 @@ from typing import Iterator, Optional
 
 import torch
 
+from megammr.models.mapping import hf_param_shapes
+
 # Qwen2's pre-tokenizer split (tokenizer.json of every Qwen2/2.5 model).
 QWEN_SPLIT_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"
                     r"|\s*[\r\n]+|\s+(?!\S)|\s+")
@@ -196,44 +198,6 @@ def hub_config(tok_ids: dict[str, int], tie_word_embeddings: bool, text: Optiona
     }
 
 
-def hf_param_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    """Checkpoint tensor names and shapes of a hub-format Qwen2.5-VL config (published key names)."""
-    v = cfg["vision_config"]
-    H, I, L = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_hidden_layers"]
-    nh, nkv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    d = H // nh
-    vh, vi = v["hidden_size"], v["intermediate_size"]
-    p, tp_, m = v["patch_size"], v["temporal_patch_size"], v["spatial_merge_size"]
-    shapes: dict[str, tuple[int, ...]] = {
-        "visual.patch_embed.proj.weight": (vh, v.get("in_chans", v.get("in_channels", 3)), tp_, p, p)}
-    for i in range(v["depth"]):
-        b = f"visual.blocks.{i}."
-        shapes.update({b + "norm1.weight": (vh,), b + "norm2.weight": (vh,),
-                       b + "attn.qkv.weight": (3 * vh, vh), b + "attn.qkv.bias": (3 * vh,),
-                       b + "attn.proj.weight": (vh, vh), b + "attn.proj.bias": (vh,),
-                       b + "mlp.gate_proj.weight": (vi, vh), b + "mlp.gate_proj.bias": (vi,),
-                       b + "mlp.up_proj.weight": (vi, vh), b + "mlp.up_proj.bias": (vi,),
-                       b + "mlp.down_proj.weight": (vh, vi), b + "mlp.down_proj.bias": (vh,)})
-    mh = vh * m * m
-    shapes.update({"visual.merger.ln_q.weight": (vh,), "visual.merger.mlp.0.weight": (mh, mh),
-                   "visual.merger.mlp.0.bias": (mh,), "visual.merger.mlp.2.weight": (v["out_hidden_size"], mh),
-                   "visual.merger.mlp.2.bias": (v["out_hidden_size"],)})
-    shapes["model.embed_tokens.weight"] = (cfg["vocab_size"], H)
-    for i in range(L):
-        b = f"model.layers.{i}."
-        shapes.update({b + "input_layernorm.weight": (H,), b + "post_attention_layernorm.weight": (H,),
-                       b + "self_attn.q_proj.weight": (nh * d, H), b + "self_attn.q_proj.bias": (nh * d,),
-                       b + "self_attn.k_proj.weight": (nkv * d, H), b + "self_attn.k_proj.bias": (nkv * d,),
-                       b + "self_attn.v_proj.weight": (nkv * d, H), b + "self_attn.v_proj.bias": (nkv * d,),
-                       b + "self_attn.o_proj.weight": (H, nh * d),
-                       b + "mlp.gate_proj.weight": (I, H), b + "mlp.up_proj.weight": (I, H),
-                       b + "mlp.down_proj.weight": (H, I)})
-    shapes["model.norm.weight"] = (H,)
-    if not cfg.get("tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (cfg["vocab_size"], H)
-    return shapes
-
-
 def random_tensor(name: str, shape: tuple[int, ...], seed: int, dtype=torch.float32) -> torch.Tensor:
     """Deterministic in (seed, name): norms near 1, biases small, matrices ~ N(0, 1/fan_in)."""
     h = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & (2**63 - 1)
@@ -359,5 +323,5 @@ def write_tiny_model(out_dir: str, seed: int = 0, tie_word_embeddings: bool = Tr
 
 
 __all__ = ["QWEN_SPECIAL_TOKENS", "QWEN2_5_VL_CHAT_TEMPLATE", "TINY_TEXT", "TINY_VISION", "build_tokenizer",
-           "hf_param_shapes", "hub_config", "iter_random_weights", "random_tensor", "write_processor_files",
+           "hub_config", "iter_random_weights", "random_tensor", "write_processor_files",
            "write_tiny_model"]

@@ -21,12 +21,12 @@ from megammr.models.backbones import Backbone, check_parallel_layout
 from megammr.models.vision import VisionTower
 
 
-def transformer_config(bb: Backbone, tp: int = 1, pp: int = 1, precision: str = "fp32",
-                       fp8_recipe: str = "tensorwise", recompute: Optional[str] = None,
-                       perform_initialization: bool = True, **overrides):
-    """TransformerConfig of the decoder of `bb`."""
+def transformer_config(bb: Backbone, tp: int, pp: int, cfg, *, perform_initialization: bool, **overrides):
+    """TransformerConfig of the decoder of `bb` at TP=`tp`, PP=`pp`; numerics from `cfg`, a recipe's
+    ModelConfig section (precision, fp8_recipe, recompute)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    precision, fp8_recipe, recompute = cfg.precision, cfg.fp8_recipe, cfg.recompute
     check_parallel_layout(bb, tp, pp)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[precision]
     kw = dict(
@@ -145,27 +145,31 @@ class Qwen25VLModel(torch.nn.Module):
                                    decoder_input=decoder_input, labels=labels, **kwargs)
 
 
-def build_model(bb: Backbone, layer_spec_name: str = "local", precision: str = "fp32", fp8_recipe: str = "tensorwise",
-                recompute: Optional[str] = None, perform_initialization: bool = True,
-                pre_process: Optional[bool] = None, post_process: Optional[bool] = None,
-                freeze_vision: bool = False) -> Qwen25VLModel:
-    """This rank's part of the model, from megatron parallel_state (TP/PP sizes and stage)."""
+def build_model(bb: Backbone, cfg, *, perform_initialization: bool, pre_process: Optional[bool] = None,
+                post_process: Optional[bool] = None) -> Qwen25VLModel:
+    """This rank's part of the model, from megatron parallel_state (TP/PP sizes and stage).
+
+    cfg: a recipe's ModelConfig section (layer_spec, precision, fp8_recipe, recompute,
+    freeze_vision). perform_initialization=False skips megatron's random init (weights loaded next).
+    pre_process / post_process (None: from the pipeline stage) build the embedding / output layer."""
     from megatron.core import parallel_state as ps
 
+    if cfg.precision == "fp8" and cfg.layer_spec != "te":
+        raise ValueError("model.precision=fp8 needs model.layer_spec=te")
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
-    if precision == "fp8":
+    if cfg.precision == "fp8":
         from megammr.models.te import prepare_fp8_env
-        prepare_fp8_env(fp8_recipe)
-    cfg = transformer_config(bb, tp, pp, precision, fp8_recipe, recompute, perform_initialization)
+        prepare_fp8_env(cfg.fp8_recipe)
+    tcfg = transformer_config(bb, tp, pp, cfg, perform_initialization=perform_initialization)
     pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
     post = ps.is_pipeline_last_stage() if post_process is None else post_process
-    model = Qwen25VLModel(bb, cfg, layer_spec(layer_spec_name), pre, post)
+    model = Qwen25VLModel(bb, tcfg, layer_spec(cfg.layer_spec), pre, post)
     vision = model.vision_model
     if vision is not None and torch.cuda.is_available() and next(vision.parameters()).device.type == "cpu":
         # megatron allocates the decoder on the current GPU itself; the vision tower is a plain module
         vision.to(torch.device("cuda", torch.cuda.current_device()))
     mark_tensor_parallel_weights(model)
-    if freeze_vision and model.vision_model is not None:
+    if cfg.freeze_vision and model.vision_model is not None:
         model.vision_model.requires_grad_(False)
     return model
 
@@ -205,9 +209,7 @@ def build_from_recipe(recipe, bb: Optional[Backbone] = None) -> Qwen25VLModel:
                 bb = Backbone.from_hf_config(json.load(f), name=m.backbone)
         else:
             bb = get_backbone(m.backbone)
-    if m.precision == "fp8" and m.layer_spec != "te":
-        raise ValueError("model.precision=fp8 needs model.layer_spec=te")
-    return build_model(bb, m.layer_spec, m.precision, m.fp8_recipe, m.recompute, freeze_vision=m.freeze_vision)
+    return build_model(bb, m, perform_initialization=True)
 
 
 def mrope_position_ids(input_ids: torch.Tensor, bb: Backbone, image_grid_thw: Optional[torch.Tensor] = None,
@@ -256,6 +258,10 @@ def count_parameters_meta(bb: Backbone) -> int:
     """Parameters of the whole model at TP=1/PP=1, built on the meta device (no memory used).
 
     Needs megatron parallel_state initialised with TP=1, PP=1 (megammr.runtime.init)."""
+    from megammr.config import ModelConfig
+
+    # The count does not depend on the numerics; the local spec builds without CUDA.
     with torch.device("meta"):
-        model = build_model(bb, "local", "bf16", perform_initialization=False, pre_process=True, post_process=True)
+        model = build_model(bb, ModelConfig(layer_spec="local"), perform_initialization=False, pre_process=True,
+                            post_process=True)
     return sum(p.numel() for p in model.parameters())

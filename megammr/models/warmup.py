@@ -176,6 +176,7 @@ def sample_format_rate(model_dir: str, records_jsonl: str, *, num_prompts: int =
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megammr.models.processor import load_processor
+    from megammr.config import RewardConfig
     from megammr.rewards.core import RewardItem, Weights, score_item
 
     tok = load_processor(model_dir).tokenizer
@@ -183,7 +184,7 @@ def sample_format_rate(model_dir: str, records_jsonl: str, *, num_prompts: int =
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()
     im_end = tok.convert_tokens_to_ids("<|im_end|>")
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else im_end
-    w = Weights(format_weight=0.5, accuracy_weight=1.0)
+    w = Weights.from_config(RewardConfig())  # the recipe's reward, as the trainer scores it
     torch.manual_seed(seed)
     fmt = acc = k = 0
     for r in recs:

@@ -13,20 +13,21 @@ from typing import Any, Optional
 
 from megammr.rewards import extract as ex
 
-# The verifier's own knobs, passed to workers as plain data. Defaults come from RewardConfig
-# (see `Weights.from_config`); the values here only serve direct calls in tests.
 
 
 @dataclass(frozen=True)
 class Weights:
+    """The verifier's knobs: the part of RewardConfig a worker needs, passed to it as plain data.
+    No defaults here (they live in RewardConfig): build it with `Weights.from_config(cfg)`."""
     format_weight: float
     accuracy_weight: float
-    require_think: bool = True
-    require_answer_tag: bool = True
-    max_answer_chars: int = 1000
+    require_think: bool
+    require_answer_tag: bool
+    max_answer_chars: int
 
     @classmethod
     def from_config(cls, cfg) -> "Weights":
+        """From a recipe's RewardConfig section."""
         return cls(cfg.format_weight, cfg.accuracy_weight, cfg.require_think, cfg.require_answer_tag,
                    cfg.max_answer_chars)
 
@@ -55,7 +56,7 @@ class RewardResult:
 _ready = False
 
 
-def _ensure_ready():
+def ensure_ready():
     """Import math-verify and close its eval path once per process (see safe_parse)."""
     global _ready
     if not _ready:
@@ -76,9 +77,9 @@ def _warmup():
              ("x=3", "3"), ("50\\%", "0.5"), ("30^\\circ", "\\frac{\\pi}{6}"), ("\\sqrt{2}", "1.41"),
              ("1 < x < 2", "(1,2)"), ("\\begin{pmatrix}1\\\\2\\end{pmatrix}", "(1,2)"), ("5 cm", "5")]
     for g, p in pairs:
-        verify(_parse(g, True), _parse(p, True), timeout_seconds=None)
-        verify(_parse(g, False), _parse(p, False), timeout_seconds=None)
-    _parse.cache_clear()
+        verify(parse(g, True), parse(p, True), timeout_seconds=None)
+        verify(parse(g, False), parse(p, False), timeout_seconds=None)
+    parse.cache_clear()
 
 
 _PROSE = re.compile(r"[A-Za-z]{3,}")
@@ -94,20 +95,23 @@ def _looks_like_prose(s: str) -> bool:
 
 
 @lru_cache(maxsize=4096)
-def _parse(text: str, boxed: bool) -> tuple:
-    """math-verify parse, signal timeout off (enforced by the pool); cached because gold answers
-    repeat n times per prompt."""
-    from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse
+def parse(text: str, boxed: bool) -> tuple:
+    """math-verify parse, signal timeout off (enforced by the pool); cached (gold and predicted
+    answers alike) because a gold answer repeats n times per prompt and a group's responses repeat
+    answers. The module-level name is what the verifier calls, so `megammr bench rewards
+    --cache-report` can route calls past the cache to measure what it saves."""
+    from math_verify import ExprExtractionConfig, LatexExtractionConfig
+    from math_verify import parse as math_verify_parse
     cfg = [LatexExtractionConfig(), ExprExtractionConfig()]
     src = "\\boxed{" + text + "}" if boxed else text
-    return tuple(parse(src, cfg, parsing_timeout=None))
+    return tuple(math_verify_parse(src, cfg, parsing_timeout=None))
 
 
 def _parsed(text: str, from_boxed: bool) -> list:
     first = from_boxed or not _looks_like_prose(text)
-    out = _parse(text, first)
+    out = parse(text, first)
     if not out and not from_boxed:
-        out = _parse(text, not first)
+        out = parse(text, not first)
     return list(out)
 
 
@@ -194,7 +198,7 @@ def math_equal(gold: str, pred: str, pred_boxed: bool = True) -> bool:
         pred = _strip_unit(pred)
         if _plain_equal(gold, pred):
             return True
-    _ensure_ready()
+    ensure_ready()
     from math_verify import verify
     g = _parsed(gold, from_boxed=not _looks_like_prose(gold))
     p = _parsed(pred, from_boxed=pred_boxed)

@@ -30,7 +30,7 @@ def to_text(x) -> str:
     return "" if x is None else str(x)
 
 
-def format_ok(response: str, require_think: bool = True) -> bool:
+def format_ok(response: str, require_think: bool) -> bool:
     """Strict `<think>...</think>` then `<answer>...</answer>`; whitespace around and between the
     blocks is tolerated, nothing else is: no text before, between or after, one of each tag, and
     a non-empty answer (an empty one would teach the policy to skip answering)."""
@@ -54,7 +54,7 @@ def format_ok(response: str, require_think: bool = True) -> bool:
     return bool(rest[len(ANSWER_OPEN):-len(ANSWER_CLOSE)].strip())
 
 
-def answer_block(response: str, require_tag: bool = True) -> Optional[str]:
+def answer_block(response: str, require_tag: bool) -> Optional[str]:
     """Text of the last complete `<answer>...</answer>` block outside the reasoning; without one,
     None when the tag is required, else the text after the last `</think>` (or the whole response).
 
@@ -106,7 +106,7 @@ def last_boxed(text: str) -> Optional[str]:
     return None
 
 
-def extract_answer(response: str, require_tag: bool = True) -> tuple[Optional[str], bool]:
+def extract_answer(response: str, require_tag: bool) -> tuple[Optional[str], bool]:
     """(final answer text, came_from_boxed). Inside the answer block the last \\boxed{} wins."""
     block = answer_block(response, require_tag)
     if block is None:

@@ -51,7 +51,7 @@ def _worker_main(conn_in, conn_out, weights: Weights, memory_mb: int):
         except (ImportError, ValueError, OSError):
             pass
     from megammr.rewards import core
-    core._ensure_ready()
+    core.ensure_ready()
     conn_out.send(("ready", os.getpid()))
     while True:
         try:

@@ -1,9 +1,11 @@
 """Rollout engines behind one protocol: `generate(prompts, n, sampling) -> list[Rollout]`.
 
-`resolve_engine(name, cuda)` turns the recipe's rollout.engine into the engine a run uses: the
-transformers engine (CPU, or a GPU for debugging) or the vLLM engine (GPU, colocated with the
-trainer; megammr.rollout.vllm_engine). Neither transformers nor vLLM is imported until an engine
-is used.
+`resolve_engine(name, cuda, vllm_installed)` turns the recipe's rollout.engine into the engine a
+run uses: the transformers engine (CPU, or a GPU for debugging;
+`TransformersEngine.from_pretrained(hf_dir, max_batch_sequences=...)`) or the vLLM engine (GPU,
+colocated with the trainer; `VLLMEngine.from_recipe`, megammr.rollout.vllm_engine). The trainer
+builds its engine in megammr.train.setup.build; `megammr eval` and tools/caption.py build their
+own. Neither transformers nor vLLM is imported until an engine is used.
 """
 from megammr.rollout.base import Rollout, RolloutEngine, RolloutPrompt, SamplingParams
 

@@ -55,8 +55,9 @@ def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
 
 
 class TransformersEngine:
-    def __init__(self, model, processor, *, device: str = "cpu", max_batch_sequences: int = 16,
+    def __init__(self, model, processor, *, max_batch_sequences: int, device: str = "cpu",
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
+        """max_batch_sequences: sequences per generate() call (a recipe's rollout.max_batch_sequences)."""
         self.model = model.to(device).eval()
         self.processor = processor
         self.tokenizer = getattr(processor, "tokenizer", processor)

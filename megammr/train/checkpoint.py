@@ -31,7 +31,7 @@ FORMAT = 1
 RESUME_FREE = {"train.output_dir", "train.checkpoint_interval", "train.keep_checkpoints",
                "train.log_interval", "train.max_bad_steps", "train.save_rollouts", "train.sync_bucket_mb",
                "train.allow_recipe_change", "train.export_hf", "reward.workers", "rollout.max_batch_sequences",
-               "parallel.tp", "parallel.pp", "phase.init_from"}
+               "parallel.tp", "parallel.pp", "parallel.dist_timeout_s", "phase.init_from"}
 
 
 def _fsync_tree(path: str) -> None:

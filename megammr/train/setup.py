@@ -229,9 +229,7 @@ def _load_initial_weights(module, r: Recipe, frozen: bool = False) -> None:
 def build_policy(r: Recipe, bb, frozen: bool = False):
     from megammr.models.vlm import build_model
 
-    m = r.model
-    module = build_model(bb, m.layer_spec, m.precision, m.fp8_recipe, m.recompute, perform_initialization=False,
-                         freeze_vision=m.freeze_vision)
+    module = build_model(bb, r.model, perform_initialization=False)
     # See megammr.train.step: megatron normalises the loss by the step's global token count.
     module.config.calculate_per_token_loss = True
     _load_initial_weights(module, r, frozen)

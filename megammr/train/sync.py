@@ -67,7 +67,7 @@ def _tp_gather(t: torch.Tensor, key: str, group, size: int) -> torch.Tensor:
 class WeightSync:
     """Streams the Megatron model (unwrapped Qwen25VLModel) into `engine` (on the source rank)."""
 
-    def __init__(self, model, engine, bucket_mb: int = 512):
+    def __init__(self, model, engine, bucket_mb: int):
         from megatron.core import parallel_state as ps
 
         self.model, self.engine = model, engine
@@ -228,7 +228,7 @@ HF_SIDE_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tok
                  "chat_template.jinja", "preprocessor_config.json", "processor_config.json", "video_preprocessor_config.json")
 
 
-def export_hf(model, src_hf_dir: str, out_dir: str, bucket_mb: int = 512) -> Optional[str]:
+def export_hf(model, src_hf_dir: str, out_dir: str, bucket_mb: int) -> Optional[str]:
     """Write the current weights of data-parallel replica 0 in HF layout to out_dir (atomically:
     out_dir.tmp, then renamed); config, tokenizer and processor files are copied from src_hf_dir.
     Every rank calls it; returns out_dir on global rank 0."""

@@ -68,10 +68,11 @@ def main():
     grads = {n: p.main_grad.double().clone() for n, p in parts.module.named_parameters()}
 
     collector = Collector()
-    WeightSync(parts.module, collector).sync()
+    WeightSync(parts.module, collector, r.train.sync_bucket_mb).sync()
     w0 = Qwen2_5_VLForConditionalGeneration.from_pretrained(r.model.hf_path, dtype=torch.float64)
     w1 = Qwen2_5_VLForConditionalGeneration.from_pretrained(r.model.hf_path, dtype=torch.float64)
-    TransformersEngine(w1, load_processor(r.model.hf_path)).update_weights(collector.tensors.items())
+    TransformersEngine(w1, load_processor(r.model.hf_path), max_batch_sequences=r.rollout.max_batch_sequences).update_weights(
+        collector.tensors.items())
 
     a, T, img = r.algo, r.rollout.temperature, parts.backbone.image_token_id
     total, tokens, clipped, kl_sum = 0.0, 0, 0, 0.0

@@ -36,8 +36,10 @@ def backbone(hf_dir: str):
 
 def model_from_hf(hf_dir: str, spec="local", precision="bf16", fp8_recipe="tensorwise"):
     from megammr.models.mapping import load_hf_into_model
+    from megammr.config import ModelConfig
     from megammr.models.vlm import build_model
-    m = build_model(backbone(hf_dir), spec, precision, fp8_recipe, perform_initialization=False).cuda()
+    cfg = ModelConfig(layer_spec=spec, precision=precision, fp8_recipe=fp8_recipe)
+    m = build_model(backbone(hf_dir), cfg, perform_initialization=False).cuda()
     load_hf_into_model(m, hf_dir)
     return m.eval()
 

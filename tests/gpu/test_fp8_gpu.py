@@ -83,7 +83,7 @@ def test_exported_tensors_are_bf16(hf):
             self.kinds |= {(type(t).__name__, t.dtype) for _, t in named}
             return len(named)
     sink = Sink()
-    WeightSync(helpers.model_from_hf(hf, "te", "fp8"), sink).sync()
+    WeightSync(helpers.model_from_hf(hf, "te", "fp8"), sink, bucket_mb=512).sync()
     assert sink.kinds == {("Tensor", torch.bfloat16)}  # never a TE Float8Tensor (fp8_param=False)
 
 

@@ -29,6 +29,7 @@ def test_te_spec_bf16_matches_local_and_fp8_runs(tmp_path):
     from megammr.models.mapping import load_hf_into_model
     from megammr.models.parity import parity_inputs
     from megammr.models.tiny import write_tiny_model
+    from megammr.config import ModelConfig
     from megammr.models.vlm import build_model, mrope_position_ids
 
     _init()
@@ -45,7 +46,7 @@ def test_te_spec_bf16_matches_local_and_fp8_runs(tmp_path):
               image_grid_thw=inp["image_grid_thw"])
     out = {}
     for spec, prec in (("local", "bf16"), ("te", "bf16"), ("te", "fp8")):
-        m = build_model(bb, spec, prec, perform_initialization=False).cuda()
+        m = build_model(bb, ModelConfig(layer_spec=spec, precision=prec), perform_initialization=False).cuda()
         load_hf_into_model(m, hf)
         m.eval()
         with torch.no_grad():

@@ -184,11 +184,12 @@ def test_eval_arguments_limit_model_dir_and_all_images_missing(tmp_path, capsys)
 
 
 def test_reward_near_misses_are_not_credited():
+    from megammr.config import RewardConfig
     from megammr.rewards import RewardItem
     from megammr.rewards.core import Weights, score_item
 
     def acc(response, gold, choices=None):
-        return score_item(RewardItem(response, gold, choices), Weights(0.5, 1.0)).accuracy
+        return score_item(RewardItem(response, gold, choices), Weights.from_config(RewardConfig())).accuracy
 
     # An <answer> inside the reasoning is a draft: closed think, or a think cut off at max tokens.
     assert acc("<think>maybe <answer>5</answer> hmm</think>", "5") == 0.0

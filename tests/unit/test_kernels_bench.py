@@ -17,9 +17,12 @@ def test_bench_kernels_small(tmp_path):
     assert set(rows) == {"naive", "ours", "ours-oop", "naive-nograd", "ours-nograd"}
     for r in rows.values():
         assert r["rel_err"] < 1e-4 and r["extra_gib"] > 0
+        # CPU time of the call (what a shared machine does not inflate) beside its wall time
+        assert r["cpu_user_s"] >= 0 and r["cpu_sys_s"] >= 0 and r["seconds"] > 0
     assert {r["mode"] for r in rows.values()} == {"train", "forward"}
     assert rows["ours-nograd"]["temperature"] == 0.7
     assert "extra peak memory above inputs" in p.stdout and "under torch.no_grad()" in p.stdout
+    assert "cpu s" in p.stdout
 
 
 def test_bench_kernels_rejects_bad_options(capsys, tmp_path):

@@ -43,12 +43,14 @@ def test_fields_per_pipeline_stage_and_precision():
 
 
 def test_transformer_config_of_a_recipe_carries_fp8_to_the_decoder_only():
+    from megammr.config import ModelConfig
     from megammr.models.vlm import transformer_config
     bb = get_backbone("qwen2.5-vl-3b")
-    cfg = transformer_config(bb, precision="fp8", fp8_recipe="tensorwise", perform_initialization=False)
+    cfg = transformer_config(bb, 1, 1, ModelConfig(layer_spec="te", precision="fp8", fp8_recipe="tensorwise"),
+                             perform_initialization=False)
     assert (cfg.fp8, cfg.fp8_recipe, cfg.fp8_param, cfg.first_last_layers_bf16) == ("e4m3", "tensorwise", False, True)
     assert cfg.params_dtype == torch.bfloat16 and cfg.bf16
-    assert transformer_config(bb, precision="bf16", perform_initialization=False).fp8 is None
+    assert transformer_config(bb, 1, 1, ModelConfig(precision="bf16"), perform_initialization=False).fp8 is None
 
 
 @pytest.mark.parametrize("recipe,ver,cap,cuda,needles", [

@@ -23,7 +23,7 @@ def acc(pred: str, gold: str, choices=None) -> float:
     "<think></think> <answer>x</answer>",
 ])
 def test_format_accepts(text):
-    assert ex.format_ok(text)
+    assert ex.format_ok(text, require_think=True)
 
 
 @pytest.mark.parametrize("text", [
@@ -40,7 +40,7 @@ def test_format_accepts(text):
     "",
 ])
 def test_format_rejects(text):
-    assert not ex.format_ok(text)
+    assert not ex.format_ok(text, require_think=True)
 
 
 def test_format_think_optional():
@@ -62,9 +62,9 @@ def test_reward_parts_and_weights():
 
 # --------------------------------------------------------------------------- extraction
 def test_last_boxed_wins_inside_answer():
-    assert ex.extract_answer(resp("\\boxed{1} no wait \\boxed{\\frac{2}{3}}")) == ("\\frac{2}{3}", True)
+    assert ex.extract_answer(resp("\\boxed{1} no wait \\boxed{\\frac{2}{3}}"), require_tag=True) == ("\\frac{2}{3}", True)
     # a box in the think block does not count once there is an answer block
-    assert ex.extract_answer("<think>\\boxed{9}</think><answer>7</answer>") == ("7", False)
+    assert ex.extract_answer("<think>\\boxed{9}</think><answer>7</answer>", require_tag=True) == ("7", False)
     assert ex.last_boxed("\\boxed{a{b}c}") == "a{b}c"
     assert ex.last_boxed("\\boxed{\\{1,2\\}}") == "\\{1,2\\}"
     assert ex.last_boxed("\\boxed{unclosed") is None

@@ -57,7 +57,7 @@ def test_payloads_change_nothing_in_process(tmp_path):
 
 
 def test_parse_expr_is_replaced_everywhere():
-    score_item(RewardItem("<answer>1</answer>", "1"), Weights(0.5, 1.0))  # installs the guard
+    score_item(RewardItem("<answer>1</answer>", "1"), Weights.from_config(RewardConfig()))  # installs the guard
     import latex2sympy2_extended.latex2sympy2 as l2s
     import math_verify.parser as mvp
     import sympy.parsing.sympy_parser as sp
@@ -79,7 +79,7 @@ def test_answer_forms_never_hit_the_guard():
     before = safe_parse.refused
     for gold, pred in [("1/2", "answer: 1/2"), ("2", "the final answer is 1+1"), ("50%", "50 percent"),
                        ("x^2", "x^2"), ("[1,2)", "[1,2)"), ("3", "x=3")]:
-        score_item(RewardItem(f"<answer>{pred}</answer>", gold), Weights(0.5, 1.0))
+        score_item(RewardItem(f"<answer>{pred}</answer>", gold), Weights.from_config(RewardConfig()))
     assert safe_parse.refused == before
 
 

@@ -89,7 +89,7 @@ def test_batching_does_not_change_greedy_output(tiny_dir, engine):
 
 def test_update_weights(tiny_dir):
     from megammr.rollout import TransformersEngine
-    eng = TransformersEngine.from_pretrained(tiny_dir)
+    eng = TransformersEngine.from_pretrained(tiny_dir, max_batch_sequences=16)
     name, p = next(iter(eng.model.named_parameters()))
     eng.update_weights([(name, torch.zeros_like(p))])
     assert float(dict(eng.model.named_parameters())[name].detach().abs().sum()) == 0.0
@@ -158,7 +158,7 @@ def test_pixel_limits_give_the_trainers_prompt_tokens(tiny_dir, engine):
     big = Image.new("RGB", (448, 392), (30, 160, 40))     # > max_pixels: shrunk
     small = Image.new("RGB", (56, 56), (200, 200, 20))    # < min_pixels: enlarged
     lo, hi = 8 * 28 * 28, 4 * 28 * 28 * 4
-    eng = TransformersEngine(engine.model, engine.processor, min_pixels=lo, max_pixels=hi)
+    eng = TransformersEngine(engine.model, engine.processor, max_batch_sequences=16, min_pixels=lo, max_pixels=hi)
     pad = engine.tokenizer.convert_tokens_to_ids("<|image_pad|>")
     sp = SamplingParams(0.0, 1.0, -1, 2)
     for imgs in ([big], [small], [big, small]):
@@ -169,7 +169,7 @@ def test_pixel_limits_give_the_trainers_prompt_tokens(tiny_dir, engine):
         (d,) = engine.generate([p], 1, sp)  # processor defaults: a different image token count
         assert d.prompt_token_ids.count(pad) != r.prompt_token_ids.count(pad)
     # only one limit given: the other stays the processor's own
-    only_max = TransformersEngine(engine.model, engine.processor, max_pixels=hi)
+    only_max = TransformersEngine(engine.model, engine.processor, max_batch_sequences=16, max_pixels=hi)
     p = encode_prompt("How many?", style="image", images=[big], tokenizer=engine.tokenizer,
                       min_pixels=engine.processor.image_processor.size["shortest_edge"], max_pixels=hi)
     assert only_max.generate([p], 1, sp)[0].prompt_token_ids == p.input_ids.tolist()

@@ -24,7 +24,7 @@ def _logits(eng):
 
 def test_sync_under_checkpoint_names(tiny_dir):
     from megammr.rollout import TransformersEngine
-    eng = TransformersEngine.from_pretrained(tiny_dir)
+    eng = TransformersEngine.from_pretrained(tiny_dir, max_batch_sequences=16)
     reader = HFReader(tiny_dir)
     tied = reader.backbone.tie_word_embeddings
     original = {n: reader.get(n) for n in reader.files}
@@ -46,14 +46,14 @@ def test_sync_under_checkpoint_names(tiny_dir):
 
     # loading the original tensors back gives a freshly loaded model's logits
     assert eng.update_weights(original.items()) == len(original)
-    fresh = TransformersEngine.from_pretrained(tiny_dir)
+    fresh = TransformersEngine.from_pretrained(tiny_dir, max_batch_sequences=16)
     assert torch.equal(_logits(eng), _logits(fresh))
 
 
 def test_names_from_megatron_mapping_cover_the_engine(tiny_dir):
     """iter_hf_from_global (the trainer's sync stream) yields exactly weight_names()."""
     from megammr.rollout import TransformersEngine
-    eng = TransformersEngine.from_pretrained(tiny_dir)
+    eng = TransformersEngine.from_pretrained(tiny_dir, max_batch_sequences=16)
     reader = HFReader(tiny_dir)
     bb = reader.backbone
     hf_of = global_nonlayer_keys(bb)
@@ -70,7 +70,7 @@ def test_names_from_megatron_mapping_cover_the_engine(tiny_dir):
 
 def test_in_memory_names_and_errors(tiny_dir):
     from megammr.rollout import TransformersEngine
-    eng = TransformersEngine.from_pretrained(tiny_dir)
+    eng = TransformersEngine.from_pretrained(tiny_dir, max_batch_sequences=16)
     params = dict(eng.model.named_parameters())
     names = [n for n in params if n.startswith("model.language_model.layers.0.")][:1] + \
             [n for n in params if n.startswith("model.visual.blocks.0.")][:1]

@@ -51,9 +51,15 @@ CHILD = textwrap.dedent("""
     os.environ.update(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from megammr.config import load_recipe
     from megammr import runtime, megatron_cpu
-    rt = runtime.init(load_recipe(None, ["train.seed=77"]))
+    import torch.distributed as dist
+    seen, real_init = {}, dist.init_process_group
+    def spy(*a, **k):  # the collective timeout comes from the recipe (parallel.dist_timeout_s)
+        seen["timeout_s"] = k["timeout"].total_seconds()
+        return real_init(*a, **k)
+    dist.init_process_group = spy
+    rt = runtime.init(load_recipe(None, ["train.seed=77", "parallel.dist_timeout_s=123"]))
     out = {"backend": rt.backend, "device": str(rt.device), "dp": rt.dp, "patches": rt.cpu_patches,
-           "again": megatron_cpu.apply()}
+           "again": megatron_cpu.apply(), "timeout_s": seen["timeout_s"]}
     # device="cuda" literals and .cuda() land on CPU
     out["zeros_device"] = str(torch.zeros(2, device="cuda").device)
     out["ordinal_device"] = str(torch.empty(1, device=torch.cuda.current_device()).device)
@@ -91,6 +97,7 @@ def test_cpu_layer_and_seeding_in_fresh_process():
     assert set(out["patches"]) == {"current_device", "synchronize", "streams", "rng_tracker", "device_mode",
                                    "cuda_type_names"}
     assert out["again"] == out["patches"]  # idempotent
+    assert out["timeout_s"] == 123
     assert out["zeros_device"] == out["ordinal_device"] == out["dot_cuda"] == out["to_cuda"] == "cpu"
     assert out["type_name"] == "torch.cuda.FloatTensor" and out["type_convert"] == "torch.float64"
     assert out["fork_advances"] and out["default_untouched"]

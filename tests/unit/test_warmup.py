@@ -48,7 +48,7 @@ def test_demonstration_is_the_trainer_prompt_plus_a_formatted_response(src):
                                    tokenizer=tok).input_ids.tolist()
     assert resp[-1] == tok.convert_tokens_to_ids("<|im_end|>")
     text = tok.decode(resp, skip_special_tokens=True)
-    assert text == response_text("B") and format_ok(text)
+    assert text == response_text("B") and format_ok(text, require_think=True)
     assert len(resp) <= 40  # fits the tiny recipes' rollout budget with room to spare
 
 
