@@ -154,6 +154,9 @@ class TrainConfig:
     allow_recipe_change: bool = F(False, "Resume from a checkpoint even when the recipe differs in fields that change the result (they are listed).")
     export_hf: bool = F(True, "At the end of the phase, also write the final weights in HF format to OUTPUT_DIR/hf (loads in transformers).")
     sync_bucket_mb: int = F(512, "Weight sync Megatron -> rollout engine: size bound of one bucket of tensors in MiB.")
+    cpu_threads: Optional[int] = F(None, "CPU only: torch intra-op threads per process (torch.set_num_threads); None keeps torch's choice (OMP_NUM_THREADS, else one per core). Ignored with CUDA.")
+    progress: Literal["auto", "bar", "lines"] = F("auto", "What rank 0 shows per step: auto is a progress bar on a terminal and a plain line every log_interval steps otherwise (Slurm logs, CI); bar or lines forces one.")
+    wandb_project: Optional[str] = F(None, "Also log every step's metrics to this Weights & Biases project (pip install wandb; WANDB_MODE=offline needs no network). None: off.")
 
 
 @dataclass

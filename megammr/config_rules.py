@@ -37,6 +37,7 @@ def _rules(r: Recipe) -> list[tuple[tuple[str, ...], bool, str]]:
          "train.max_tokens_per_micro_batch must be >= 1 (or null)"),
         (("train.max_bad_steps",), t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
         (("train.sync_bucket_mb",), t.sync_bucket_mb >= 1, "train.sync_bucket_mb must be >= 1"),
+        (("train.cpu_threads",), t.cpu_threads is None or t.cpu_threads >= 1, "train.cpu_threads must be >= 1 (or null)"),
         (("rollout.max_new_tokens",), ro.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
         (("rollout.max_batch_sequences",), ro.max_batch_sequences >= 1, "rollout.max_batch_sequences must be >= 1"),
         (("rollout.gpu_memory_utilization",), 0 < ro.gpu_memory_utilization < 1,

@@ -172,3 +172,16 @@ def apply() -> list[str]:
 
 def applied() -> list[str]:
     return list(_APPLIED)
+
+
+@contextlib.contextmanager
+def suspended():
+    """The device mode switched off for code that never reaches megatron-core, e.g. the rollout
+    engine's transformers `generate`: its many small ops per token pay the mode's Python dispatch,
+    1.33x slower with it active (BENCHMARKS.md). A no-op when the mode is not applied or another
+    mode sits above it (popping that one instead would be wrong)."""
+    if _MODE is None or torch.overrides._get_current_function_mode() is not _MODE:
+        yield
+        return
+    with torch.overrides._pop_mode_temporarily():
+        yield

@@ -138,6 +138,8 @@ def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None) -> Runtime
         from megammr import megatron_cpu
         patches = megatron_cpu.apply()
         device, backend = torch.device("cpu"), "gloo"
+        if recipe.train.cpu_threads:
+            torch.set_num_threads(recipe.train.cpu_threads)
 
     tp, pp, cp = recipe.parallel.tp, recipe.parallel.pp, recipe.parallel.cp
     dp = recipe.data_parallel_size(env.world_size)  # raises naming the sizes when it does not divide

@@ -29,6 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from megammr import megatron_cpu
 from megammr.rewards.core import RewardItem
 from megammr.rollout.base import SamplingParams
 
@@ -189,7 +190,8 @@ class Experience:
                 break
             sp = SamplingParams.from_config(cfg, seed=sampling_seed(self.r.train.seed, step, self.dp_rank, round_))
             t0 = time.perf_counter()
-            rollouts = self.engine.generate([s.prompt for s in samples], cfg.n, sp)
+            with megatron_cpu.suspended():  # generate never calls megatron: no device mapping needed
+                rollouts = self.engine.generate([s.prompt for s in samples], cfg.n, sp)
             t1 = time.perf_counter()
             groups = self._score(samples, rollouts, stats)
             stats.time_generate += t1 - t0

@@ -57,9 +57,11 @@ CHILD = textwrap.dedent("""
         seen["timeout_s"] = k["timeout"].total_seconds()
         return real_init(*a, **k)
     dist.init_process_group = spy
-    rt = runtime.init(load_recipe(None, ["train.seed=77", "parallel.dist_timeout_s=123"]))
+    default_threads = torch.get_num_threads()
+    rt = runtime.init(load_recipe(None, ["train.seed=77", "parallel.dist_timeout_s=123", "train.cpu_threads=1"]))
     out = {"backend": rt.backend, "device": str(rt.device), "dp": rt.dp, "patches": rt.cpu_patches,
-           "again": megatron_cpu.apply(), "timeout_s": seen["timeout_s"]}
+           "again": megatron_cpu.apply(), "timeout_s": seen["timeout_s"],
+           "threads": [default_threads, torch.get_num_threads()]}
     # device="cuda" literals and .cuda() land on CPU
     out["zeros_device"] = str(torch.zeros(2, device="cuda").device)
     out["ordinal_device"] = str(torch.empty(1, device=torch.cuda.current_device()).device)
@@ -78,14 +80,25 @@ CHILD = textwrap.dedent("""
     out["fork_advances"] = not torch.equal(a, b)
     out["default_untouched"] = torch.equal(before, torch.get_rng_state())
     out["first_rand"] = torch.rand(1).item()
+    # suspended(): the mode is off inside (the engine's generate) and back on after, even after an error
+    from torch.overrides import _get_current_function_mode as top
+    with megatron_cpu.suspended():
+        out["suspended_top"] = repr(top())
+    try:
+        with megatron_cpu.suspended():
+            raise KeyError
+    except KeyError:
+        pass
+    out["after_suspend"] = top() is megatron_cpu._MODE and str(torch.zeros(1, device="cuda").device) == "cpu"
     runtime.shutdown()
     print("RESULT " + json.dumps(out))
 """)
 
 
 def _child():
-    p = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, cwd=REPO, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=REPO))
+    env = dict(os.environ, PYTHONPATH=REPO)
+    env.pop("OMP_NUM_THREADS", None)  # torch's own default, so that train.cpu_threads is what sets 1
+    p = subprocess.run([sys.executable, "-c", CHILD], capture_output=True, text=True, cwd=REPO, timeout=120, env=env)
     assert p.returncode == 0, p.stderr[-3000:]
     (line,) = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
     return json.loads(line[7:])
@@ -102,3 +115,5 @@ def test_cpu_layer_and_seeding_in_fresh_process():
     assert out["type_name"] == "torch.cuda.FloatTensor" and out["type_convert"] == "torch.float64"
     assert out["fork_advances"] and out["default_untouched"]
     assert out["first_rand"] == _child()["first_rand"]  # seeded: reproducible across processes
+    assert out["suspended_top"] == "None" and out["after_suspend"]
+    assert out["threads"][1] == 1  # train.cpu_threads=1 applied (torch's default here: out["threads"][0])
