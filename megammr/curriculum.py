@@ -152,7 +152,7 @@ def run(path: str, overrides: list[str] = (), which: str | None = None) -> list[
                 continue
             say(f"phase {i + 1}/{len(phases)} {ph.name}: {ph.recipe.data.prompt_style} prompts, "
                 f"{ph.recipe.train.steps} steps -> {ph.output_dir}")
-            last = train(ph.recipe, shutdown=False)
+            last = train(ph.recipe, shutdown=False, summary=False)
             results.append(last)
             runtime.barrier()
             if runtime.is_rank0():
@@ -160,6 +160,18 @@ def run(path: str, overrides: list[str] = (), which: str | None = None) -> list[
                     json.dump({"phase": ph.name, "metrics": last}, f)
                 os.replace(done_marker(ph.output_dir) + ".tmp", done_marker(ph.output_dir))
             runtime.barrier()
+        if runtime.is_rank0():
+            summarize(phases)
     finally:
         runtime.shutdown()
     return results
+
+
+def summarize(phases: list[Phase]) -> None:
+    """The summary table of every phase (in curriculum order) on stdout and in RUN_DIR/summary.md."""
+    from megammr.plot import print_summary, read_rows
+
+    rows = [(ph.name, read_rows(os.path.join(ph.output_dir, "metrics.jsonl"))) for ph in phases
+            if os.path.exists(os.path.join(ph.output_dir, "metrics.jsonl"))]
+    if rows:
+        print_summary(os.path.dirname(os.path.normpath(phases[0].output_dir)) or ".", rows)

@@ -1,26 +1,29 @@
 """Step metrics: one JSON line per step in OUTPUT_DIR/metrics.jsonl, TensorBoard events in
-OUTPUT_DIR/tensorboard (when the optional tensorboard package is installed) and a one-line summary
-on stdout.
+OUTPUT_DIR/tensorboard (when the optional tensorboard package is installed), Weights & Biases
+(train.wandb_project, optional) and what a user watches on stdout: a progress bar per phase on a
+terminal, a plain line every train.log_interval steps elsewhere (Slurm logs, CI).
 
 Written by global rank 0 only; the trainer reduces the numbers over ranks before they get here.
 Keys are documented in the README ("Metrics").
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
 import sys
 import time
+from typing import Optional
 
 
 class MetricsLog:
     def __init__(self, output_dir: str, enabled: bool, total_steps: int, log_interval: int = 1,
-                 resume_after: int = 0):
-        self.enabled, self.total, self.interval = enabled, total_steps, max(1, log_interval)
+                 resume_after: int = 0, progress: str = "auto", desc: str = "train", wandb: Optional[dict] = None):
+        """`wandb`: None (off) or wandb.init arguments (project, name, config, ...), see `_wandb`."""
+        self.enabled, self.total = enabled, total_steps
         self.path = os.path.join(output_dir, "metrics.jsonl")
-        self._f = self._tb = None
-        self.t0 = time.perf_counter()
+        self._f = self._tb = self._wandb = self.progress = None
         if enabled:
             os.makedirs(output_dir, exist_ok=True)
             kept = []
@@ -31,6 +34,9 @@ class MetricsLog:
             self._f = open(self.path, "w", encoding="utf-8")
             self._f.writelines(kept)
             self._tb = _tensorboard(os.path.join(output_dir, "tensorboard"), resume_after)
+            if wandb is not None:
+                self._wandb = _wandb(output_dir, **wandb)
+            self.progress = Progress(total_steps, resume_after, log_interval, progress, desc)
 
     def log(self, m: dict) -> None:
         if not self.enabled:
@@ -38,22 +44,29 @@ class MetricsLog:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
         self._f.write(json.dumps(clean) + "\n")
         self._f.flush()
+        scalars = {k: v for k, v in clean.items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and v is not None}
         if self._tb is not None:
-            for k, v in clean.items():
-                if isinstance(v, (int, float)) and not isinstance(v, bool) and k != "step" and v is not None:
-                    self._tb.add_scalar(k, v, m["step"])
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, m["step"])
             self._tb.flush()
-        step = m["step"]
-        if step % self.interval == 0 or step == self.total:
-            print(summary(m, self.total, time.perf_counter() - self.t0), file=sys.stdout, flush=True)
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=m["step"])
+        self.progress.update(m)
 
     def close(self):
+        if self.progress is not None:
+            self.progress.close()
+            self.progress = None
         if self._f:
             self._f.close()
             self._f = None
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
 
 def _tensorboard(log_dir: str, resume_after: int):
@@ -66,15 +79,112 @@ def _tensorboard(log_dir: str, resume_after: int):
     return SummaryWriter(log_dir, purge_step=resume_after + 1 if resume_after else None)
 
 
-def summary(m: dict, total: int, elapsed: float) -> str:
-    step = m["step"]
-    eta = elapsed / step * (total - step) if step else 0.0
-    skipped = "  SKIPPED (non-finite)" if m.get("step_skipped") else ""
+def wandb_missing_message() -> Optional[str]:
+    """Why W&B logging cannot start, or None when the package is importable (checked before a run starts)."""
+    import importlib.util
+    if importlib.util.find_spec("wandb") is None:
+        return ("train.wandb_project is set but the wandb package is not installed: pip install wandb "
+                "(or pip install -e '.[wandb]'), or remove train.wandb_project")
+    return None
+
+
+def _wandb(output_dir: str, project: str, name: str, config: dict, group: Optional[str] = None):
+    """A W&B run for this phase, imported only here. Its id is derived from the output directory, so a
+    resumed phase continues the same run (W&B ignores the re-logged steps after the checkpoint)."""
+    from megammr.config import RecipeError
+    try:
+        import wandb
+    except ImportError as e:
+        raise RecipeError(wandb_missing_message() or f"train.wandb_project: importing wandb failed ({e})") from None
+    run_id = hashlib.sha1(os.path.abspath(output_dir).encode()).hexdigest()[:16]
+    return wandb.init(project=project, name=name, group=group, config=config, dir=output_dir, id=run_id,
+                      resume="allow")
+
+
+def wandb_args(r) -> Optional[dict]:
+    """wandb.init arguments of the phase of recipe `r`, or None when train.wandb_project is not set.
+    The runs of one curriculum share a group named after its run directory."""
+    if not r.train.wandb_project:
+        return None
+    from megammr.config import to_dict
+    root = os.path.basename(os.path.dirname(os.path.abspath(r.train.output_dir)))
+    return {"project": r.train.wandb_project, "name": f"{root}/{r.phase.name}", "group": root, "config": to_dict(r)}
+
+
+class Progress:
+    """Rank 0's view of a phase. A tqdm bar (step, reward, accuracy, format rate, s/step, ETA) when
+    stdout is a terminal or mode="bar"; otherwise one plain line every `interval` steps and at the
+    last one, with the same fields plus loss, grad norm and KL, so that logs stay readable.
+    `done_before`: steps finished by an earlier run of this phase (resume); rates and the ETA count
+    only this run's steps."""
+
+    def __init__(self, total: int, done_before: int = 0, interval: int = 1, mode: str = "auto",
+                 desc: str = "train", file=None):
+        self.total, self.done_before, self.interval = total, done_before, max(1, interval)
+        self.file = file or sys.stdout
+        self.t0 = time.perf_counter()
+        self.bar = None
+        if mode == "bar" or (mode == "auto" and _is_tty(self.file)):
+            from tqdm import tqdm
+            self.bar = tqdm(total=total, initial=done_before, desc=desc, unit="step", file=self.file,
+                            dynamic_ncols=True, smoothing=0.3, mininterval=0,
+                            bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                                       "[{elapsed}<{remaining}, {rate_inv_fmt}{postfix}]")
+
+    def eta(self, step: int) -> float:
+        done = step - self.done_before
+        return (time.perf_counter() - self.t0) / done * (self.total - step) if done > 0 else 0.0
+
+    def update(self, m: dict) -> None:
+        step = m["step"]
+        if self.bar is not None:
+            self.bar.set_postfix_str(_bar_fields(m), refresh=False)
+            self.bar.update(step - self.bar.n)
+            if step == self.total:
+                self.close()  # now: a later close would redraw the rate with the checkpoint and export time in it
+        elif step % self.interval == 0 or step == self.total:
+            print(summary(m, self.total, self.eta(step)), file=self.file, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _is_tty(f) -> bool:
+    try:
+        return f.isatty()
+    except (AttributeError, ValueError):
+        return False
+
+
+def _notes(m: dict) -> str:
+    out = "  SKIPPED (non-finite)" if m.get("step_skipped") else ""
     if m.get("groups/dropped"):
-        skipped += f"  ({m['groups/dropped']} uniform-reward groups dropped)"
-    return (f"step {step}/{total} | reward {m['reward/mean']:.3f} acc {m['reward/accuracy']:.3f} "
-            f"fmt {m['reward/format']:.3f} | len {m['response/length_mean']:.1f} | loss {m['loss']:.4g} "
-            f"gnorm {m['grad_norm']:.3g} kl {m['kl']:.2e} | {m['time/step']:.1f} s/step, eta {eta:.0f} s{skipped}")
+        out += f"  ({m['groups/dropped']} uniform-reward groups dropped)"
+    return out
+
+
+def _num(v, fmt: str) -> str:
+    return "nan" if v is None else format(v, fmt)
+
+
+def _bar_fields(m: dict) -> str:
+    return (f"reward {_num(m['reward/mean'], '.3f')} acc {_num(m['reward/accuracy'], '.3f')} "
+            f"fmt {_num(m['reward/format'], '.2f')} len {_num(m['response/length_mean'], '.0f')}{_notes(m)}")
+
+
+def summary(m: dict, total: int, eta: float) -> str:
+    """The plain per-step line (logs that are not a terminal)."""
+    return (f"step {m['step']}/{total} | reward {_num(m['reward/mean'], '.3f')} acc {_num(m['reward/accuracy'], '.3f')} "
+            f"fmt {_num(m['reward/format'], '.3f')} | len {_num(m['response/length_mean'], '.1f')} | "
+            f"loss {_num(m['loss'], '.4g')} gnorm {_num(m['grad_norm'], '.3g')} kl {_num(m['kl'], '.2e')} | "
+            f"{m['time/step']:.1f} s/step, eta {_clock(eta)}{_notes(m)}")
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}:{s:02d}"
 
 
 def step_metrics(parts, step: int, stats, updates, t: dict, skipped_total: int) -> dict:

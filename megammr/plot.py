@@ -3,7 +3,7 @@
 RUN_DIR is a phase's output directory (it has metrics.jsonl) or a curriculum's (phase
 directories below it, each with metrics.jsonl, drawn in name order: phase1, phase2, phase3).
 Panels: reward, accuracy, format rate, response length and KL against the global step, one colour
-per phase; a summary table (first and last fifth of every phase) is printed too.
+per phase; the summary table (steps, wall time, first and last fifth of every phase) is printed too.
 """
 from __future__ import annotations
 
@@ -15,10 +15,14 @@ PANELS = (("reward/mean", "reward"), ("reward/accuracy", "accuracy"), ("reward/f
           ("response/length_mean", "response length (tokens)"), ("kl", "KL to reference"))
 
 
+def read_rows(path: str) -> list[dict]:
+    """The rows of one metrics.jsonl."""
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
 def read_phases(run_dir: str) -> list[tuple[str, list[dict]]]:
-    def read(path):
-        with open(path, encoding="utf-8") as f:
-            return [json.loads(line) for line in f if line.strip()]
+    read = read_rows
     own = os.path.join(run_dir, "metrics.jsonl")
     if os.path.isfile(own):
         return [(os.path.basename(os.path.abspath(run_dir)), read(own))]
@@ -39,15 +43,64 @@ def fifths(rows: list[dict], key: str = "reward/mean") -> tuple[float, float]:
     return sum(vals[:k]) / k, sum(vals[-k:]) / k
 
 
+# (metrics key, column name) of the summary table: first and last fifth of each phase's steps.
+SUMMARY = (("reward/mean", "reward"), ("reward/accuracy", "accuracy"), ("reward/format", "format rate"),
+           ("response/length_mean", "response length"))
+
+
+def wall_seconds(rows: list[dict]) -> float:
+    """Seconds from the phase's start (setup included) to its last step: `time/elapsed` of the last
+    row, which the trainer carries across resumes; the sum of step times for rows without it."""
+    if rows and rows[-1].get("time/elapsed") is not None:
+        return float(rows[-1]["time/elapsed"])
+    return float(sum(r.get("time/step") or 0.0 for r in rows))
+
+
+def _clock(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m} min {s:02d} s" if m else f"{s} s"
+
+
 def summary_table(phases) -> str:
-    lines = [f"{'phase':<10} {'steps':>5} {'reward first 1/5':>17} {'last 1/5':>9} {'rise':>7} "
-             f"{'accuracy last 1/5':>18} {'format last 1/5':>16}"]
+    """One row per phase: steps, wall time, and the mean over the first and the last fifth of the
+    steps of reward (with the rise), accuracy, format rate and response length ("first -> last").
+    A Markdown table, padded so that it also reads as plain text on a terminal."""
+    head = ["phase", "steps", "wall", "reward first 1/5", "last 1/5", "rise"] + [name for _, name in SUMMARY[1:]]
+    body = []
     for name, rows in phases:
         a, b = fifths(rows)
-        _, acc = fifths(rows, "reward/accuracy")
-        _, fmt = fifths(rows, "reward/format")
-        lines.append(f"{name:<10} {len(rows):>5} {a:>17.3f} {b:>9.3f} {b - a:>+7.3f} {acc:>18.3f} {fmt:>16.3f}")
-    return "\n".join(lines)
+        cells = [name, str(len(rows)), _clock(wall_seconds(rows)), f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}"]
+        for key, col in SUMMARY[1:]:
+            x, y = fifths(rows, key)
+            cells.append(f"{x:.1f} -> {y:.1f}" if key == "response/length_mean" else f"{x:.3f} -> {y:.3f}")
+        body.append(cells)
+    widths = [max(len(r[i]) for r in [head] + body) for i in range(len(head))]
+
+    def line(cells):
+        return "| " + " | ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths))) + " |"
+    rule = "| " + " | ".join("-" * w if i == 0 else "-" * (w - 1) + ":" for i, w in enumerate(widths)) + " |"
+    return "\n".join([line(head), rule] + [line(c) for c in body])
+
+
+def write_summary(run_dir: str, phases) -> str:
+    """RUN_DIR/summary.md: the summary table of these phases (written atomically); returns its path."""
+    path = os.path.join(run_dir, "summary.md")
+    text = (f"# megammr run summary: {run_dir}\n\n{summary_table(phases)}\n\n"
+            "Means over the first and the last fifth of each phase's steps (at least one step each); accuracy, "
+            "format rate and response length as first -> last fifth; wall: from "
+            "the phase's start (data and model preparation included) to its last step, summed over resumed runs "
+            "up to their last checkpoint. Per-step values: metrics.jsonl of each phase; curves: `megammr plot`.\n")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def print_summary(run_dir: str, phases) -> str:
+    """The summary table on stdout and in RUN_DIR/summary.md (the end of a phase or a curriculum, rank 0)."""
+    path = write_summary(run_dir, phases)
+    print(f"\n{summary_table(phases)}\n(summary: {path})", flush=True)
+    return path
 
 
 def plot(phases, out: str) -> str:

@@ -19,7 +19,8 @@ import torch.distributed as dist
 from megammr import runtime
 from megammr.algo import group_advantages
 from megammr.config import Recipe, RecipeError, to_dict
-from megammr.metrics import MetricsLog, step_metrics
+from megammr.metrics import MetricsLog, step_metrics, wandb_args
+from megammr.plot import print_summary, read_rows
 from megammr.train import checkpoint, setup
 from megammr.train.batching import Sample, filler_micro_batch, make_micro_batches
 from megammr.train.step import forward_logprobs, train_on
@@ -70,8 +71,11 @@ class Preempted(RuntimeError):
     """A stop signal arrived: the run checkpointed and exits with checkpoint.PREEMPTED_EXIT."""
 
 
-def train(recipe: Recipe, shutdown: bool = True) -> dict:
-    """Run one phase (or resume it from OUTPUT_DIR/checkpoints/latest); returns the last step's metrics."""
+def train(recipe: Recipe, shutdown: bool = True, summary: bool = True) -> dict:
+    """Run one phase (or resume it from OUTPUT_DIR/checkpoints/latest); returns the last step's metrics.
+    `summary`: print the phase's summary table and write OUTPUT_DIR/summary.md at the end (a
+    curriculum writes one table for all its phases instead)."""
+    t_begin = time.perf_counter()
     setup.check_recipe(recipe, runtime.dist_env_from(os.environ).world_size, torch.cuda.is_available())
     rt = runtime.init(recipe)
     runtime.forked_children_die_with_parent()
@@ -84,7 +88,9 @@ def train(recipe: Recipe, shutdown: bool = True) -> dict:
         runtime.barrier()
         parts = setup.build(recipe, rt)
         start, counters = resume(parts)
-        log = MetricsLog(r.train.output_dir, rt.is_main, r.train.steps, r.train.log_interval, resume_after=start - 1)
+        wall_before = counters.get("wall_s", 0.0)  # earlier runs of this phase, up to their last checkpoint
+        log = MetricsLog(r.train.output_dir, rt.is_main, r.train.steps, r.train.log_interval, resume_after=start - 1,
+                         progress=r.train.progress, desc=r.phase.name, wandb=wandb_args(r))
         if parts.sync:
             parts.sync.sync()  # the engine starts from exactly the trainer's weights
         with checkpoint.StopRequest() as stop:
@@ -110,7 +116,9 @@ def train(recipe: Recipe, shutdown: bool = True) -> dict:
                 skipped = sum(u.skipped for u in updates)
                 counters["skipped_total"] += skipped
                 counters["bad_in_row"] = counters["bad_in_row"] + 1 if skipped else 0
+                counters["wall_s"] = wall_before + time.perf_counter() - t_begin
                 last = step_metrics(parts, step, stats, updates, t, counters["skipped_total"])
+                last["time/elapsed"] = counters["wall_s"]
                 log.log(last)
                 if counters["bad_in_row"] >= r.train.max_bad_steps:
                     raise TrainingError(f"{counters['bad_in_row']} steps in a row had a non-finite loss or grad norm "
@@ -129,11 +137,13 @@ def train(recipe: Recipe, shutdown: bool = True) -> dict:
                 export_hf(parts.module, r.model.hf_path, os.path.join(r.train.output_dir, "hf"), r.train.sync_bucket_mb)
     finally:
         if log:
-            log.close()
+            log.close()  # before the summary: a progress bar would print over it
         for close in (parts.closers if parts else []):
             close()
         if shutdown:
             runtime.shutdown()
+    if summary and log is not None and log.enabled:  # log.enabled: rank 0 (the process group is gone by now)
+        print_summary(r.train.output_dir, [(r.phase.name, read_rows(log.path))])
     return last
 
 

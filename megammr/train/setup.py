@@ -44,6 +44,10 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
             if missing:
                 errors.append(f"rollout.replay {r.rollout.replay}: no saved rollouts for steps {missing[:5]}"
                               f"{' ...' if len(missing) > 5 else ''} (train.steps={r.train.steps})")
+    if r.train.wandb_project:
+        from megammr.metrics import wandb_missing_message
+        if wandb_missing_message():
+            errors.append(wandb_missing_message())
     if errors:
         raise RecipeError(errors)  # every problem, one line each
     # before the process group exists: the launcher's rank decides who speaks
