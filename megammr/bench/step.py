@@ -58,13 +58,14 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Optional
+
+from megammr.bench.machine import loadavg, machine
 
 OVERHEAD_DEFINITION = (
     "overhead = step time - (generation + model compute), per step, median over measured steps. "
@@ -109,31 +110,6 @@ def add_arguments(p: argparse.ArgumentParser):
 def _median(xs) -> Optional[float]:
     xs = [x for x in xs if x is not None]
     return float(statistics.median(xs)) if xs else None
-
-
-def _loadavg() -> Optional[list[float]]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return None
-
-
-def _versions() -> dict:
-    import importlib.metadata as md
-    out = {}
-    for name in ("torch", "transformers", "megatron-core", "trl", "accelerate", "datasets"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def _machine() -> dict:
-    import torch
-    return {"machine": platform.machine(), "cpus": os.cpu_count(), "python": platform.python_version(),
-            "torch_threads": torch.get_num_threads(),
-            "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None, **_versions()}
 
 
 def _compat_mode_active() -> bool:
@@ -345,7 +321,7 @@ def run_megammr(recipe, prompts: list[dict]) -> dict:
         shutil.rmtree(out_dir)
     os.makedirs(out_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "bench-train.log")
-    load_before = _loadavg()
+    load_before = loadavg()
     t0 = time.perf_counter()
     with _step_ends() as rec, open(log_path, "w") as logf, contextlib.redirect_stdout(logf):
         train(recipe)
@@ -371,7 +347,7 @@ def run_megammr(recipe, prompts: list[dict]) -> dict:
         row["prompts_match"] = seen is None or 0 <= row["prompt_tokens"] - seen <= dropped * longest
         steps.append(row)
         prev = t
-    return {"steps": steps, "run_s": round(total, 2), "log": log_path, "loadavg": [load_before, _loadavg()]}
+    return {"steps": steps, "run_s": round(total, 2), "log": log_path, "loadavg": [load_before, loadavg()]}
 
 
 # ----------------------------------------------------------------------------- 2. megatron compute
@@ -501,7 +477,7 @@ def run_worker(args, recipe, prompts: list[dict], batches, work: str, *, trl: bo
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
         env.pop(k, None)
     log_path = os.path.join(work, "worker.log")
-    load_before = _loadavg()
+    load_before = loadavg()
     with open(log_path, "w") as logf:
         try:
             p = subprocess.run([sys.executable, "-m", "megammr.bench.step", "--worker", spec_path, result_path],
@@ -515,7 +491,7 @@ def run_worker(args, recipe, prompts: list[dict], batches, work: str, *, trl: bo
     with open(result_path) as f:
         res = json.load(f)
     if res.get("trl"):
-        res["trl"]["loadavg"] = [load_before, _loadavg()]
+        res["trl"]["loadavg"] = [load_before, loadavg()]
     return res
 
 
@@ -708,7 +684,7 @@ def build_report(args, recipe, rounds: list[dict]) -> dict:
                    "kl_coef": recipe.algo.kl_coef, "precision": recipe.model.precision, "seed": args.seed,
                    "overrides": list(args.overrides), "model": recipe.model.hf_path,
                    "data": recipe.data.datasets[0].path},
-        "machine": _machine(),
+        "machine": machine(),
         "overhead_definition": OVERHEAD_DEFINITION,
         "megammr": {"median": mm_med, "steps": mm_rows,
                     "prompts_match": all(r["prompts_match"] for r in mm_rows),
