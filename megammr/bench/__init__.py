@@ -12,6 +12,7 @@ TARGETS = {
     "data": "loader throughput with image decode and preprocessing vs plain webdataset",
     "rewards": "verifications per second and latency of the reward pool",
     "step": "one GRPO step on the tiny model: per-stage times, framework overhead, TRL GRPOTrainer side by side",
+    "curriculum": "the README's first command (tiny curriculum from nothing): wall and CPU time, where it went, reward rise",
     "gpu-step": "GPU: train step of a 3B-shaped model (bf16, fp8 with TE): tokens/s, stage times, MFU, weight sync; vLLM rollouts",
 }
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -173,15 +174,19 @@ def prepare_tiny(r: Recipe, log=print) -> None:
     for root in sorted(data_roots):
         if not os.path.exists(os.path.join(root, "phase1", "megammr.json")):
             log(f"megammr train: preparing the bundled data in {root} (tools/make_synthetic_data.py)")
+            t0 = time.perf_counter()
             write_all(root, progress=False)
+            log(f"megammr train: bundled data ready in {time.perf_counter() - t0:.1f} s")
     if need_model:
         from megammr.models.tiny import write_tiny_model
         from megammr.models.warmup import format_warmup
         root = sorted(data_roots)[-1]
         log(f"megammr train: preparing the tiny model in {r.model.hf_path} (random, then a supervised format "
             f"warm-up on {root}/raw/phase1.jsonl)")
+        t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="tiny-init-") as tmp:
             format_warmup(write_tiny_model(tmp, seed=0), r.model.hf_path, os.path.join(root, "raw", "phase1.jsonl"))
+        log(f"megammr train: tiny model ready in {time.perf_counter() - t0:.1f} s")
 
 
 @dataclass

@@ -2,7 +2,10 @@
 in an empty directory prepares the bundled data and the (format-warmed) tiny model, runs the three
 phases with each starting from the previous one's final weights, exports each phase in HF format,
 and a rerun skips the finished phases. `megammr plot` draws the curves. Shortened to 2 steps per
-phase (the README's full run and its figures are in BENCHMARKS.md)."""
+phase (the README's full run and its figures are in BENCHMARKS.md). The run goes through
+`megammr bench curriculum`, which starts exactly that command in the empty directory and times it,
+so its figures are checked on the same run."""
+import json
 import os
 import subprocess
 import sys
@@ -27,12 +30,15 @@ def megammr(args, cwd):
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory):
     work = tmp_path_factory.mktemp("fresh")  # nothing there: the run prepares data and model
-    log = megammr(["train", os.path.join(REPO, "recipes/tiny/curriculum.yaml"), *SHORT], work)
-    return work, log
+    figures = tmp_path_factory.mktemp("bench") / "curriculum.json"
+    log = megammr(["bench", "curriculum", os.path.join(REPO, "recipes/tiny/curriculum.yaml"), *SHORT,
+                   "--work-dir", str(work), "--json", str(figures)], REPO)
+    assert f"megammr train {os.path.join(REPO, 'recipes/tiny/curriculum.yaml')}" in log
+    return work, log, json.loads(figures.read_text())
 
 
 def test_three_phases_chain_and_export(run_dir):
-    work, log = run_dir
+    work, log, _ = run_dir
     assert "preparing the bundled data" in log and "preparing the tiny model" in log
     for i, name in enumerate(("phase1", "phase2", "phase3")):
         out = work / "outputs" / "tiny" / name
@@ -46,7 +52,7 @@ def test_exports_load_in_transformers_and_generate(run_dir):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from megammr.models.processor import load_processor
-    work, _ = run_dir
+    work, _, _ = run_dir
     for name in ("phase1", "phase3"):
         hf = work / "outputs" / "tiny" / name / "hf"
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32)
@@ -62,14 +68,14 @@ def test_exports_load_in_transformers_and_generate(run_dir):
 
 
 def test_each_phase_starts_from_the_previous_final_checkpoint(run_dir):
-    work, log = run_dir
+    work, log, _ = run_dir
     for prev, name in (("phase1", "phase2"), ("phase2", "phase3")):
         final = os.path.join("outputs", "tiny", prev, "checkpoints", "step_000002")  # relative to the run's cwd
         assert f"{name}: initial weights from {final}" in log
 
 
 def test_rerun_skips_finished_phases(run_dir):
-    work, _ = run_dir
+    work, _, _ = run_dir
     log = megammr(["train", os.path.join(REPO, "recipes/tiny/curriculum.yaml"), *SHORT], work)
     assert log.count("done already") == 3 and "step 1/2" not in log
 
@@ -77,7 +83,7 @@ def test_rerun_skips_finished_phases(run_dir):
 def test_plot_writes_a_non_blank_png(run_dir):
     import numpy as np
     from PIL import Image
-    work, _ = run_dir
+    work, _, _ = run_dir
     log = megammr(["plot", str(work / "outputs" / "tiny")], work)
     png = work / "outputs" / "tiny" / "curves.png"
     assert png.exists() and "phase3" in log
@@ -85,3 +91,17 @@ def test_plot_writes_a_non_blank_png(run_dir):
     assert img.shape[0] > 300 and img.shape[1] > 300
     assert (img < 128).mean() > 0.005  # axes, ticks, curves: not a blank canvas
     assert len(np.unique(img)) > 10
+
+
+def test_bench_figures_account_for_the_run(run_dir):
+    _, log, res = run_dir
+    assert [ph["phase"] for ph in res["phases"]] == ["phase1", "phase2", "phase3"]
+    assert res["prep_s"]["data"] > 0 and res["prep_s"]["model"] > 0  # both prepared from nothing
+    for ph in res["phases"]:
+        assert ph["steps"] == 2 and 0 < ph["steps_s"] <= ph["wall_s"]
+        assert sum(ph["stages_s"].values()) <= ph["steps_s"] + 1e-6
+        assert ph["other_s"] >= 0, ph
+    phase_walls = sum(ph["wall_s"] for ph in res["phases"])
+    assert phase_walls <= res["train_wall_s"] <= res["wall_s"]
+    assert res["cpu_s"] > 0 and set(res["checks"]) == {"phase1_rise", "under_15_min", "under_10_min"}
+    assert "| phase1 | 2 |" in log and "phase-1 rise" in log
