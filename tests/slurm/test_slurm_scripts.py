@@ -99,6 +99,15 @@ def log(cwd, phase, jid):
     return open(path).read() if os.path.exists(path) else ""
 
 
+def controller_log(jid: str) -> str:
+    """slurmctld's lines about job `jid` (why a job failed to start is only written there)."""
+    path = os.path.join(os.environ.get("MEGAMMR_LOCAL_SLURM", "/tmp/megammr-slurm"), "log", "slurmctld.log")
+    if not os.path.exists(path):
+        return ""
+    with open(path, errors="replace") as f:
+        return "".join(line for line in f if re.search(rf"\bJ(ob)?Id={jid}\b|\bjob {jid}\b|JobId={jid}_", line))[-4000:]
+
+
 def hf_weights(path):
     from safetensors.torch import load_file
     out = {}
@@ -176,11 +185,13 @@ def test_signalled_job_requeues_and_ends_bitwise_equal_to_an_uninterrupted_run(e
     assert wait_until(lambda: "step 2/5" in log(tmp_path, 1, jid), 600), log(tmp_path, 1, jid)[-3000:]
     sh(env, "scancel", "--signal=USR1", "--batch", jid)  # what --signal=B:USR1@T delivers before the limit
     assert wait_until(lambda: int(job(env, jid).get("Restarts", 0)) >= 1, 300), log(tmp_path, 1, jid)[-3000:]
-    # Slurm holds a requeued job for ~2 minutes (BeginTime); let it start now
+    # Slurm holds a requeued job for ~2 minutes (BeginTime); let it start now, once the first run has
+    # fully ended (moving the start of a job still COMPLETING races its cleanup on the node)
+    assert wait_until(lambda: job(env, jid)["JobState"] == "PENDING", 300), job(env, jid)
     sh(env, "scontrol", "update", f"JobId={jid}", "StartTime=now", check=False)
     wait_gone(env, [jid], timeout=900)
     text = log(tmp_path, 1, jid)
-    assert job(env, jid)["JobState"] == "COMPLETED", text[-3000:]
+    assert job(env, jid)["JobState"] == "COMPLETED", (job(env, jid), text[-3000:], controller_log(jid))
     assert "USR1: asking the ranks to checkpoint and stop" in text and "requeueing job" in text, text[-3000:]
     assert "restart 1: phase 1 phase1 (started)" in text and "resumed from run/phase1/checkpoints" in text, text
     assert "phase 1 phase1 done" in text
