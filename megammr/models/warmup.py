@@ -37,7 +37,7 @@ REASONING = "Let me solve it."
 
 # Defaults tuned on the tiny backbone (recipes/tiny): at temperature 1.0 and 48 new tokens the
 # strict format comes out roughly a third of the time, accuracy near zero (see tools/make_tiny_model.py).
-DEFAULT_STEPS = 30
+DEFAULT_STEPS = 35
 DEFAULT_LR = 3e-3
 DEFAULT_BATCH = 16
 

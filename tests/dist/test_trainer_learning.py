@@ -9,7 +9,7 @@ data, the project's rule-based rewards, the trainer's own loop) must raise the m
 the last fifth of the steps beats the first fifth by MARGIN.
 
 Single process, both cores (no OMP_NUM_THREADS=1 here). Seeds observed while tuning, reward mean
-of the first -> last fifth (see the report in the PR): margins of 0.15-0.3; MARGIN leaves room.
+of the first -> last fifth: see BENCHMARKS.md ("Tiny curriculum", seeds).
 """
 import json
 import os
@@ -22,14 +22,13 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 pytestmark = pytest.mark.dist
 
-MARGIN = 0.1
+MARGIN = 0.15  # the tiny default's promise (README, BENCHMARKS.md "Tiny curriculum")
 STEPS = 40
-# GRPO toy settings (everything else from recipes/tiny/phase1.yaml): 4 prompts x 8 samples per
-# step, a rollout budget that fits the ~30-token demonstrated answer, no KL (nothing to stay near
-# at this scale), one micro-batch per step.
-OVERRIDES = [f"train.steps={STEPS}", "rollout.n=8", "train.prompts_per_step=4", "train.micro_batch_size=32",
-             "rollout.max_new_tokens=48", "optim.lr=7e-4", "algo.kl_coef=0", "data.num_workers=0",
-             "reward.workers=1", f"train.checkpoint_interval={STEPS}"]
+# The GRPO settings are recipes/tiny/phase1.yaml's own (8 prompts x 8 samples, 48 new tokens, no KL,
+# one micro-batch per step), as the README's first command runs them; only where the run writes and
+# how many helper processes it starts are set here.
+OVERRIDES = [f"train.steps={STEPS}", "data.num_workers=0", "reward.workers=1", f"train.checkpoint_interval={STEPS}",
+             "train.export_hf=false"]
 
 
 def _env():
@@ -86,6 +85,6 @@ def test_grpo_raises_the_reward_of_a_format_warmed_tiny_model(warm_setup):
     print(report)
     # The warm-up is partial: GRPO starts with the format sometimes right, never always.
     assert 0.0 < mean(first, "reward/format") < 0.9, report
-    # (a sampled <|image_pad|> drops its sample, counted: rare, so nearly all 32 remain)
-    assert all(m["samples"] >= 28 and not m["step_skipped"] for m in metrics), report
+    # (a sampled <|image_pad|> drops its sample, counted: rare, so nearly all 64 remain)
+    assert all(m["samples"] >= 56 and not m["step_skipped"] for m in metrics), report
     assert rise >= MARGIN, report
