@@ -123,6 +123,11 @@ def plot(phases, out: str) -> str:
             for ax in axes:
                 ax.axvline(offset + 0.5, color="grey", lw=0.8, ls="--")
         offset = steps[-1] if steps else offset
+    for ax, (key, _) in zip(axes, PANELS):
+        if not any(r.get(key) for _, rows in phases for r in rows):  # all zero or absent: say why
+            why = " (algo.kl_coef = 0: no reference model)" if key == "kl" else ""
+            ax.text(0.5, 0.8, f"{key} is 0 at every step{why}", transform=ax.transAxes, ha="center",
+                    va="center", fontsize=9, color="grey")
     axes[0].legend(fontsize=8, loc="best")
     axes[-1].set_xlabel("step (phases in order)")
     fig.suptitle(f"megammr: {os.path.dirname(out) or '.'}", fontsize=10)
