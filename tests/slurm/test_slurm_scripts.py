@@ -174,7 +174,8 @@ def test_phase_2_without_phase_1_fails_at_once_with_the_reason(env, tmp_path, ti
 
 
 def test_signalled_job_requeues_and_ends_bitwise_equal_to_an_uninterrupted_run(env, tmp_path, tiny):
-    steps = ["train.steps=5"]
+    # enough steps that the signal (sent once step 2 is logged) lands mid-phase on a fast machine too
+    steps = ["train.steps=30"]
     # the uninterrupted reference: the same command a user would run on one machine, no Slurm
     ref = sh(env, sys.executable, "-m", "megammr", "train", "--phase", "1", CURRICULUM, *tiny, *steps,
              "train.output_dir=ref", cwd=tmp_path, timeout=900)
@@ -182,7 +183,7 @@ def test_signalled_job_requeues_and_ends_bitwise_equal_to_an_uninterrupted_run(e
 
     jenv = dict(env, MEGAMMR_RECIPE=CURRICULUM, MEGAMMR_RUN_DIR="run")
     jid = sbatch(jenv, tmp_path, 1, tiny + steps)
-    assert wait_until(lambda: "step 2/5" in log(tmp_path, 1, jid), 600), log(tmp_path, 1, jid)[-3000:]
+    assert wait_until(lambda: "step 2/30" in log(tmp_path, 1, jid), 600, poll=0.5), log(tmp_path, 1, jid)[-3000:]
     sh(env, "scancel", "--signal=USR1", "--batch", jid)  # what --signal=B:USR1@T delivers before the limit
     assert wait_until(lambda: int(job(env, jid).get("Restarts", 0)) >= 1, 300), log(tmp_path, 1, jid)[-3000:]
     # Slurm holds a requeued job for ~2 minutes (BeginTime); let it start now, once the first run has
