@@ -222,6 +222,7 @@ def step_metrics(parts, step: int, stats, updates, t: dict, skipped_total: int) 
         return sum(u[key] for u in per_update) / tok
 
     step_time = t["sync"] - t["start"]
+    synced = parts.sync.timings if parts.sync is not None else {}  # this rank's part of the weight sync
     return {
         "step": step,
         "reward/mean": e["reward"] / n, "reward/accuracy": e["accuracy"] / n, "reward/format": e["format"] / n,
@@ -239,6 +240,8 @@ def step_metrics(parts, step: int, stats, updates, t: dict, skipped_total: int) 
         "time/rollout": stats.time_generate, "time/reward": stats.time_reward,
         "time/logprobs": t["logprobs"] - t["rollout"], "time/train": t["train"] - t["logprobs"],
         "time/sync": t["sync"] - t["train"], "time/step": step_time,
+        "time/sync_gather": synced.get("gather_s", 0.0), "time/sync_convert": synced.get("convert_s", 0.0),
+        "time/sync_transfer": synced.get("transfer_s", 0.0), "time/sync_load": synced.get("load_s", 0.0),
         "loss/per_update": [u["loss"] / max(u["count"], 1.0) for u in per_update],
         "grad_norm/per_update": [u.grad_norm for u in updates],
         "skipped_steps": skipped_total, "step_skipped": any(u.skipped for u in updates),

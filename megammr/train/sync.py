@@ -82,7 +82,7 @@ class WeightSync:
         self.offset = (layers[0].layer_number - 1) if len(layers) else 0
         self.order = _tensor_order(self.bb)
         self.timings: dict[str, float] = {}
-        self._clock = {"gather": 0.0, "convert": 0.0, "load": 0.0}
+        self._clock = {"gather": 0.0, "convert": 0.0, "transfer": 0.0, "load": 0.0}
 
     def _local(self, suffix: str, layer: Optional[int]) -> torch.Tensor:
         sd = self._sd
@@ -125,7 +125,7 @@ class WeightSync:
         """Push the current weights; returns timings (seconds) and counts of this rank."""
         t0 = time.perf_counter()
         self._sd = self.model.state_dict(keep_vars=True)
-        self._clock = {"gather": 0.0, "convert": 0.0, "load": 0.0}
+        self._clock = {"gather": 0.0, "convert": 0.0, "transfer": 0.0, "load": 0.0}
         loaded, sent = 0, 0
         begin = getattr(self.engine, "begin_weight_update", None)
         if callable(begin):
@@ -171,9 +171,11 @@ class WeightSync:
             box = [meta]
         else:
             box = [None]
+        t0 = time.perf_counter()  # a receiver also waits here for the owning stage's gather and convert
         dist.broadcast_object_list(box, src=src, group=self.pp_group)
         meta = box[0]
         if meta is None:
+            self._clock["transfer"] += time.perf_counter() - t0
             return None, 0
         dtype = meta[0][2]
         numel = sum(int(torch.Size(s).numel()) for _, s, _ in meta)
@@ -183,6 +185,7 @@ class WeightSync:
         else:
             flat = torch.empty(numel, dtype=dtype, device=dev)
         dist.broadcast(flat, src=src, group=self.pp_group)
+        self._clock["transfer"] += time.perf_counter() - t0
         if mine is not None or self.engine is None:
             return 0, (len(meta) if mine is not None else 0)
         tensors, off = [], 0

@@ -18,6 +18,11 @@ pytestmark = pytest.mark.dist
 ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore",
            PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
 SHORT = ["train.steps=2", "data.num_workers=0"]
+METRIC_KEYS = ("step", "reward/mean", "reward/accuracy", "reward/format", "response/length_mean",
+               "response/clip_frac", "loss", "grad_norm", "lr", "kl", "entropy", "policy/clip_frac",
+               "logp_diff/rollout_vs_train", "groups/dropped", "tokens_per_s", "time/rollout", "time/reward",
+               "time/logprobs", "time/train", "time/sync", "time/sync_gather", "time/sync_convert",
+               "time/sync_transfer", "time/sync_load", "time/step", "skipped_steps")
 
 
 def megammr(args, cwd):
@@ -44,7 +49,12 @@ def test_three_phases_chain_and_export(run_dir):
         out = work / "outputs" / "tiny" / name
         assert (out / "DONE").exists() and (out / "checkpoints" / "latest").exists()
         assert f"phase {i + 1}/3 {name}" in log
-        assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+        rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(rows) == 2
+        for r in rows:  # the documented keys (README "Metrics"); the weight sync split into its parts
+            assert set(METRIC_KEYS) <= set(r), set(METRIC_KEYS) - set(r)
+            parts = r["time/sync_gather"] + r["time/sync_convert"] + r["time/sync_transfer"] + r["time/sync_load"]
+            assert 0 < parts <= r["time/sync"] + 1e-6, r
 
 
 def test_exports_load_in_transformers_and_generate(run_dir):
