@@ -61,12 +61,3 @@ def slurm_cluster():
     yield dict(os.environ, SLURM_CONF=conf)
     subprocess.run(["bash", SLURM_SCRIPT, "stop"], capture_output=True, text=True, timeout=120)
 
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (`--dist loadgroup`, pyproject's default): one group per test file, so a
-    module-scoped fixture (a curriculum run, a recorded reference) is computed once, on one worker;
-    and one group for all of tests/slurm, so a single worker starts the local Slurm cluster."""
-    for item in items:
-        rel = os.path.relpath(str(item.path), REPO)
-        group = "slurm" if rel.startswith(os.path.join("tests", "slurm")) else rel
-        item.add_marker(pytest.mark.xdist_group(group))

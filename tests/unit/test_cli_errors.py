@@ -131,9 +131,9 @@ def test_unknown_backbone_and_parallel_layout_are_load_errors(tmp_path):
 
 
 def test_data_parallel_split_with_a_world_size():
-    assert load_recipe(TINY, world_size=2).train.prompts_per_step == 4
+    assert load_recipe(TINY, world_size=2).train.prompts_per_step == 8
     (e,) = errors(lambda: load_recipe(TINY, world_size=3))
-    assert e.endswith("base.yaml: train.prompts_per_step=4 does not split over 3 data-parallel ranks "
+    assert e.endswith("base.yaml: train.prompts_per_step=8 does not split over 3 data-parallel ranks "
                       "(each rank owns whole prompt groups)")
     (e,) = errors(lambda: load_recipe(SEVEN_B, world_size=3))
     assert "world size 3 is not divisible by parallel.tp x pp x cp = 2" in e
@@ -142,8 +142,8 @@ def test_data_parallel_split_with_a_world_size():
 
 
 def test_a_short_last_micro_batch_is_a_warning(recwarn):
-    with pytest.warns(RecipeWarning, match=r"micro_batch_size=5 does not divide the 32 samples of an update.*"
-                                           r"last micro-batch holds 2"):
+    with pytest.warns(RecipeWarning, match=r"micro_batch_size=5 does not divide the 64 samples of an update.*"
+                                           r"last micro-batch holds 4"):
         load_recipe(TINY, ["train.micro_batch_size=5"])
     recwarn.clear()
     load_recipe(TINY)
@@ -310,7 +310,7 @@ def test_train_checks_every_phase_for_this_launch_up_front(monkeypatch, capsys):
     monkeypatch.setenv("WORLD_SIZE", "3")
     assert main(["train", "recipes/tiny/curriculum.yaml"]) == 2
     err = capsys.readouterr().err
-    assert err.strip().splitlines() == ["megammr train: error: train.prompts_per_step=4 does not split over 3 "
+    assert err.strip().splitlines() == ["megammr train: error: train.prompts_per_step=8 does not split over 3 "
                                         "data-parallel ranks (each rank owns whole prompt groups)"]
 
 
