@@ -191,7 +191,13 @@ def load(parts, path: str, loader) -> dict:
     model_sd = parts.module.sharded_state_dict()
     opt_sd = parts.optimizer.sharded_state_dict(model_sd, is_loading=True)
     state = dist_checkpointing.load({"model": model_sd, "optimizer": opt_sd}, path)
-    parts.module.load_state_dict(state["model"], strict=False)
+    # strict=False for megatron's _extra_state entries only: every parameter must come from the
+    # checkpoint (a resumed policy is built without its initial weights).
+    result = parts.module.load_state_dict(state["model"], strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"{path}: the checkpoint lacks {len(missing)} model tensors of this build, "
+                           f"e.g. {missing[:3]}")
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(meta["scheduler"])
     rank = dist.get_rank() if dist.is_initialized() else 0

@@ -235,13 +235,16 @@ def _load_initial_weights(module, r: Recipe, frozen: bool = False) -> None:
         load_hf_into_model(module, r.model.hf_path)
 
 
-def build_policy(r: Recipe, bb, frozen: bool = False):
+def build_policy(r: Recipe, bb, frozen: bool = False, initial_weights: bool = True):
+    """The policy (or, frozen, the reference) model with the phase's initial weights; without
+    `initial_weights` the parameters are left unset for a checkpoint load to fill."""
     from megammr.models.vlm import build_model
 
     module = build_model(bb, r.model, perform_initialization=False)
     # See megammr.train.step: megatron normalises the loss by the step's global token count.
     module.config.calculate_per_token_loss = True
-    _load_initial_weights(module, r, frozen)
+    if initial_weights:
+        _load_initial_weights(module, r, frozen)
     if frozen:
         module.requires_grad_(False)
         module.eval()
@@ -289,7 +292,15 @@ def build(r: Recipe, rt) -> Parts:
         # Before Megatron allocates: vLLM claims gpu_memory_utilization of the whole GPU at start.
         from megammr.rollout.vllm_engine import VLLMEngine
         engine = VLLMEngine.from_recipe(r, rt, group=mp_group, leader=src, is_leader=is_src)
-    module = build_policy(r, bb)
+    from megammr.train.checkpoint import latest
+    try:
+        resuming = latest(r.train.output_dir) is not None
+    except RuntimeError:  # a broken `latest`: the trainer's resume() reports it
+        resuming = False
+    # A resumed phase loads every policy weight from its own checkpoint: reading the initial weights
+    # first would only cost their I/O (minutes for a 72B model). The reference model is not
+    # checkpointed and always starts from the initial weights.
+    module = build_policy(r, bb, initial_weights=not resuming)
     ref = build_policy(r, bb, frozen=True) if r.algo.kl_coef > 0 else None
     ddp, opt, sched = build_optimizer(r, module)
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
