@@ -56,7 +56,8 @@ def wall_seconds(rows: list[dict]) -> float:
     return float(sum(r.get("time/step") or 0.0 for r in rows))
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """'3 min 07 s' (or '42 s'): the summary table's and the benchmarks' wall-time format."""
     m, s = divmod(int(round(seconds)), 60)
     return f"{m} min {s:02d} s" if m else f"{s} s"
 
@@ -69,7 +70,7 @@ def summary_table(phases) -> str:
     body = []
     for name, rows in phases:
         a, b = fifths(rows)
-        cells = [name, str(len(rows)), _clock(wall_seconds(rows)), f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}"]
+        cells = [name, str(len(rows)), clock(wall_seconds(rows)), f"{a:.3f}", f"{b:.3f}", f"{b - a:+.3f}"]
         for key, col in SUMMARY[1:]:
             x, y = fifths(rows, key)
             cells.append(f"{x:.1f} -> {y:.1f}" if key == "response/length_mean" else f"{x:.3f} -> {y:.3f}")

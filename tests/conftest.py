@@ -60,4 +60,3 @@ def slurm_cluster():
     conf = p.stdout.strip().splitlines()[-1]
     yield dict(os.environ, SLURM_CONF=conf)
     subprocess.run(["bash", SLURM_SCRIPT, "stop"], capture_output=True, text=True, timeout=120)
-

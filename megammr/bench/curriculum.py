@@ -22,10 +22,13 @@ import re
 import resource
 import subprocess
 import sys
+import shutil
 import tempfile
+import threading
 import time
 
 from megammr.bench.machine import loadavg, versions
+from megammr.plot import clock, fifths, read_rows
 
 STAGES = ("time/rollout", "time/reward", "time/logprobs", "time/train", "time/sync")
 RISE_MIN, LIMIT_S, GOAL_S = 0.15, 15 * 60, 10 * 60
@@ -63,7 +66,6 @@ def timeline(lines: list[tuple[float, str]]) -> dict:
 
 
 def phase_figures(name: str, rows: list[dict], window: tuple[float, float], prep_s: float) -> dict:
-    from megammr.plot import fifths
     first, last = fifths(rows)
     steps_s = sum(r.get("time/step") or 0.0 for r in rows)
     wall = window[1] - window[0]
@@ -85,27 +87,25 @@ def _stream(cmd: list[str], cwd: str, timeout: float) -> tuple[int, list[tuple[f
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           bufsize=1) as p:
+        timer = threading.Timer(timeout, p.kill)  # also ends a run that hangs without printing
+        timer.start()
         try:
             for line in p.stdout:
                 lines.append((time.perf_counter() - t0, line.rstrip("\n")))
                 sys.stdout.write(line)
-                if time.perf_counter() - t0 > timeout:
-                    p.kill()
-                    raise SystemExit(f"megammr bench curriculum: the run exceeded --timeout {timeout:.0f} s")
         except KeyboardInterrupt:
             p.kill()
             raise
+        finally:
+            timer.cancel()
         rc = p.wait()
+    if time.perf_counter() - t0 >= timeout:
+        raise SystemExit(f"megammr bench curriculum: the run exceeded --timeout {timeout:.0f} s and was stopped")
     return rc, lines, time.perf_counter() - t0
 
 
-def _clock(s: float) -> str:
-    m, sec = divmod(int(round(s)), 60)
-    return f"{m} min {sec:02d} s"
-
-
 def report(res: dict) -> str:
-    out = [f"tiny curriculum: {_clock(res['wall_s'])} wall, {_clock(res['cpu_s'])} CPU (user+system), "
+    out = [f"tiny curriculum: {clock(res['wall_s'])} wall, {clock(res['cpu_s'])} CPU (user+system), "
            f"load average before {res['loadavg_before']}, after {res['loadavg_after']}",
            f"preparation: bundled data {res['prep_s'].get('data', 0):.1f} s, tiny model {res['prep_s'].get('model', 0):.1f} s",
            "",
@@ -121,14 +121,12 @@ def report(res: dict) -> str:
     ok = res["checks"]
     out += ["", f"phase-1 rise {res['phases'][0]['rise']:+.3f} (needs >= {RISE_MIN}): "
                 f"{'ok' if ok['phase1_rise'] else 'NOT MET'}; "
-                f"wall {_clock(res['wall_s'])} (needs < 15 min, goal < 10): "
+                f"wall {clock(res['wall_s'])} (needs < 15 min, goal < 10): "
                 f"{'ok' if ok['under_15_min'] else 'NOT MET'}{', goal met' if ok['under_10_min'] else ''}"]
     return "\n".join(out)
 
 
 def run(args) -> int:
-    from megammr.plot import read_rows
-
     recipe = os.path.abspath(args.curriculum)
     if not os.path.isfile(recipe):
         raise SystemExit(f"megammr bench curriculum: {args.curriculum}: no such curriculum file "
@@ -145,42 +143,43 @@ def run(args) -> int:
         if os.listdir(work):
             raise SystemExit(f"megammr bench curriculum: --work-dir {args.work_dir} is not empty: the run must "
                              "prepare its data and model from nothing")
-    run_dir = os.path.dirname(os.path.normpath(phases[0].output_dir)) or "."
-    print(f"megammr bench curriculum: megammr train {args.curriculum} {' '.join(args.overrides)} in {work}", flush=True)
-    before, cpu0 = loadavg(), resource.getrusage(resource.RUSAGE_CHILDREN)
-    rc, lines, wall = _stream([sys.executable, "-m", "megammr", "train", recipe, *args.overrides], work, args.timeout)
-    cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
-    after = loadavg()
-    if rc != 0:
-        raise SystemExit(f"megammr bench curriculum: the run failed (exit {rc}); its output is above")
-    t_plot = time.perf_counter()
-    prc = subprocess.run([sys.executable, "-m", "megammr", "plot", run_dir], cwd=work, capture_output=True, text=True)
-    plot_s = time.perf_counter() - t_plot
-    if prc.returncode != 0:
-        raise SystemExit(f"megammr bench curriculum: megammr plot failed:\n{prc.stdout}{prc.stderr}")
-    tl = timeline(lines)
-    prep_total = sum(tl["prep"].values())
-    figs = []
-    for i, ph in enumerate(phases):
-        rows = read_rows(os.path.join(work, ph.output_dir, "metrics.jsonl"))
-        figs.append(phase_figures(ph.name, rows, tl["phases"].get(ph.name, (0.0, 0.0)), prep_total if i == 0 else 0.0))
-    res = {
-        "curriculum": args.curriculum, "overrides": args.overrides, "wall_s": wall + plot_s, "train_wall_s": wall,
-        "plot_s": plot_s, "cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
-        "prep_s": tl["prep"], "phases": figs, "loadavg_before": before, "loadavg_after": after,
-        "cpus": os.cpu_count(), "versions": versions(),
-        "date": time.strftime("%Y-%m-%d"),
-    }
-    res["checks"] = {"phase1_rise": figs[0]["rise"] >= RISE_MIN, "under_15_min": res["wall_s"] < LIMIT_S,
-                     "under_10_min": res["wall_s"] < GOAL_S}
-    print()
-    print(report(res), flush=True)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(res, f, indent=1)
-    if temp and not args.keep:
-        import shutil
-        shutil.rmtree(temp, ignore_errors=True)
-    elif temp:
-        print(f"kept {temp}")
+    try:
+        run_dir = os.path.dirname(os.path.normpath(phases[0].output_dir)) or "."
+        print(f"megammr bench curriculum: megammr train {args.curriculum} {' '.join(args.overrides)} in {work}", flush=True)
+        before, cpu0 = loadavg(), resource.getrusage(resource.RUSAGE_CHILDREN)
+        rc, lines, wall = _stream([sys.executable, "-m", "megammr", "train", recipe, *args.overrides], work, args.timeout)
+        cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        after = loadavg()
+        if rc != 0:
+            raise SystemExit(f"megammr bench curriculum: the run failed (exit {rc}); its output is above")
+        t_plot = time.perf_counter()
+        prc = subprocess.run([sys.executable, "-m", "megammr", "plot", run_dir], cwd=work, capture_output=True, text=True)
+        plot_s = time.perf_counter() - t_plot
+        if prc.returncode != 0:
+            raise SystemExit(f"megammr bench curriculum: megammr plot failed:\n{prc.stdout}{prc.stderr}")
+        tl = timeline(lines)
+        prep_total = sum(tl["prep"].values())
+        figs = []
+        for i, ph in enumerate(phases):
+            rows = read_rows(os.path.join(work, ph.output_dir, "metrics.jsonl"))
+            figs.append(phase_figures(ph.name, rows, tl["phases"].get(ph.name, (0.0, 0.0)), prep_total if i == 0 else 0.0))
+        res = {
+            "curriculum": args.curriculum, "overrides": args.overrides, "wall_s": wall + plot_s, "train_wall_s": wall,
+            "plot_s": plot_s, "cpu_s": (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime),
+            "prep_s": tl["prep"], "phases": figs, "loadavg_before": before, "loadavg_after": after,
+            "cpus": os.cpu_count(), "versions": versions(),
+            "date": time.strftime("%Y-%m-%d"),
+        }
+        res["checks"] = {"phase1_rise": figs[0]["rise"] >= RISE_MIN, "under_15_min": res["wall_s"] < LIMIT_S,
+                         "under_10_min": res["wall_s"] < GOAL_S}
+        print()
+        print(report(res), flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+    finally:
+        if temp and not args.keep:
+            shutil.rmtree(temp, ignore_errors=True)
+        elif temp:
+            print(f"kept {temp}")
     return 0
