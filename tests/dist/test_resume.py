@@ -1,15 +1,17 @@
 """Checkpoints, exact resume and preemption through `megammr train` (the command users run).
 
-- SIGTERM mid-phase: the step finishes, a checkpoint is written, exit code 75; rerunning the
-  same command resumes and ends with weights bitwise equal to an uninterrupted run (fp32, CPU).
-- kill -9 at moments spread over the run (twice, one during a checkpoint write when the timing
-  lands there) leaves `latest` loadable, and the resumed run is still bitwise equal.
+- SIGTERM after a random step: the step finishes, a checkpoint is written (a second SIGTERM arrives
+  while it is being written), exit code 75; rerunning the same command resumes and ends with weights
+  bitwise equal to an uninterrupted run (fp32, CPU).
+- kill -9 twice, after a random step and in the middle of a checkpoint write (its .tmp directory
+  exists), leaves `latest` loadable, and the resumed run is still bitwise equal.
 - A recipe change that alters the result is refused, naming the field.
 - A checkpoint written at TP=2xPP=2 resumes at TP=1 (resharded; said so, no bitwise promise).
 The updates carry an entropy bonus so that weights move even though a random tiny model earns no reward.
 """
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -80,20 +82,31 @@ def tiny(tmp_path_factory):
     return root, base, weights(str(out))
 
 
-def start_and_signal(cmd, out, after_steps, sig):
-    """Start the run, send `sig` once `after_steps` steps are logged; returns (exit code, log).
-    Output goes to a file, not a pipe: a killed trainer's children must not block the test."""
-    log_path = f"{out}.{after_steps}.{int(sig)}.log"
+def writing_checkpoint(out) -> bool:
+    """A checkpoint is being written: its step_NNNNNN.tmp directory exists (checkpoint.save)."""
+    d = os.path.join(out, "checkpoints")
+    return os.path.isdir(d) and any(n.endswith(".tmp") and os.path.isdir(os.path.join(d, n)) for n in os.listdir(d))
+
+
+def start_and_signal(cmd, out, signals, tag):
+    """Start the run; for each (condition, signal) in order, send the signal once the condition holds.
+    Returns (exit code, log, how many signals were sent). Output goes to a file, not a pipe: a killed
+    trainer's children must not block the test."""
+    log_path = f"{out}.{tag}.log"
+    sent = 0
     with open(log_path, "w") as log:
         p = subprocess.Popen(cmd, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True, cwd=REPO,
                              start_new_session=True)
         deadline = time.time() + 600
-        while steps_logged(out) < after_steps and p.poll() is None and time.time() < deadline:
-            time.sleep(0.05)
-        if p.poll() is None:
+        for cond, sig in signals:
+            while not cond() and p.poll() is None and time.time() < deadline:
+                time.sleep(0.002)  # a tiny checkpoint is written in a fraction of a second
+            if p.poll() is not None:
+                break
             p.send_signal(sig)
+            sent += 1
         rc = p.wait(timeout=600)
-    if sig == signal.SIGKILL:
+    if any(sig == signal.SIGKILL for _, sig in signals):
         # What a node failure does to the rest of the job: nothing of it may survive to hold files.
         time.sleep(2)
         try:
@@ -101,15 +114,18 @@ def start_and_signal(cmd, out, after_steps, sig):
         except ProcessLookupError:
             pass
     with open(log_path) as f:
-        return rc, f.read()
+        return rc, f.read(), sent
 
 
-def test_sigterm_then_resume_is_bitwise_equal(tiny):
+def test_sigterm_at_a_random_step_then_resume_is_bitwise_equal(tiny):
+    """SIGTERM after a random step; a second SIGTERM while the preemption checkpoint is being written."""
     root, base, ref = tiny
     out = root / "sigterm"
+    at = random.Random().randint(1, STEPS - 2)
     cmd = command(base + [f"train.output_dir={out}"])
-    rc, log = start_and_signal(cmd, str(out), 2, signal.SIGTERM)
-    assert rc == 75, log[-3000:]
+    rc, log, sent = start_and_signal(cmd, str(out), [(lambda: steps_logged(str(out)) >= at, signal.SIGTERM),
+                                                     (lambda: writing_checkpoint(str(out)), signal.SIGTERM)], "term")
+    assert sent == 2 and rc == 75, (at, sent, rc, log[-3000:])
     assert "checkpointed" in log and "Traceback" not in log
     assert steps_logged(str(out)) < STEPS
     p = run(base + [f"train.output_dir={out}"])
@@ -119,12 +135,17 @@ def test_sigterm_then_resume_is_bitwise_equal(tiny):
 
 
 def test_kill_9_twice_then_resume_is_bitwise_equal(tiny):
+    """kill -9 after a random step, then kill -9 in the middle of a checkpoint write."""
     root, base, ref = tiny
     out = root / "kill9"
+    ckpts = os.path.join(out, "checkpoints")
     cmd = command(base + [f"train.output_dir={out}"])
-    for after in (1, 3):
-        start_and_signal(cmd, str(out), after, signal.SIGKILL)
-        ckpts = os.path.join(out, "checkpoints")
+    at = random.Random().randint(1, STEPS - 2)
+    kills = ([(lambda: steps_logged(str(out)) >= at, signal.SIGKILL)],
+             [(lambda: steps_logged(str(out)) > at and writing_checkpoint(str(out)), signal.SIGKILL)])
+    for i, signals in enumerate(kills):
+        _, log, sent = start_and_signal(cmd, str(out), signals, f"kill{i}")
+        assert sent == 1, (at, i, log[-3000:])
         if os.path.exists(os.path.join(ckpts, "latest")):
             name = open(os.path.join(ckpts, "latest")).read().strip()
             assert os.path.isfile(os.path.join(ckpts, name, "megammr.json"))
