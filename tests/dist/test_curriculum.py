@@ -63,7 +63,7 @@ def test_exports_load_in_transformers_and_generate(run_dir):
 
     from megammr.models.processor import load_processor
     work, _, _ = run_dir
-    for name in ("phase1", "phase3"):
+    for name in ("phase1", "phase2", "phase3"):  # every phase's export
         hf = work / "outputs" / "tiny" / name / "hf"
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(str(hf), dtype=torch.float32)
         tok = load_processor(str(hf)).tokenizer
