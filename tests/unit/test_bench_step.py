@@ -43,7 +43,10 @@ def test_bench_step_megammr_only(tmp_path):
     assert o is not None and o["seconds"] == pytest.approx(
         m["steps"][1]["step_s"] - m["steps"][1]["rollout_s"] - comp["steps"][0]["total_s"])
     bp = rep["overhead"]["megammr_by_parts"]
-    assert bp["stages_s"] >= 0 and bp["train_path_extra_s"] is not None and 0 <= bp["share"] < 1
+    # stages are the trainer's own timers (>= 0); the train-path extra is a difference of two timings
+    # of the same work, so noise can make it, and the sum, negative on a busy machine
+    assert bp["stages_s"] >= 0 and bp["train_path_extra_s"] is not None
+    assert bp["seconds"] == pytest.approx(bp["stages_s"] + bp["train_path_extra_s"]) and -1 < bp["share"] < 1
     assert comp["trainer_path"]["median"]["total_s"] > 0
     assert rep["trl"] == {"skipped": "--no-trl"} and rep["ratio"] is None
     assert "framework overhead" in stdout and "time/step" in stdout
