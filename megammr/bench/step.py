@@ -58,14 +58,15 @@ import argparse
 import contextlib
 import json
 import os
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from typing import Any, Optional
 
+from megammr.bench.compute import (COMPUTE_KEYS, compat_mode_active, compute_params, hf_compute, median,
+                                   megatron_compute)
 from megammr.bench.machine import loadavg, machine
+from megammr.bench.yardstick import run_worker
 
 OVERHEAD_DEFINITION = (
     "overhead = step time - (generation + model compute), per step, median over measured steps. "
@@ -77,7 +78,6 @@ OVERHEAD_DEFINITION = (
     "advantages, micro-batching, megatron schedules and loss kernels, log-prob bookkeeping, weight sync, metrics.")
 
 STAGES = ("rollout", "reward", "logprobs", "train", "sync")
-COMPUTE_KEYS = ("ref_forward_s", "forward_backward_s", "optimizer_s", "total_s")
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -106,24 +106,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--json", default=None, metavar="FILE", help="also write all figures to this JSON file")
 
 
-# ----------------------------------------------------------------------------- helpers
-def _median(xs) -> Optional[float]:
-    xs = [x for x in xs if x is not None]
-    return float(statistics.median(xs)) if xs else None
-
-
-def _compat_mode_active() -> bool:
-    """Whether megammr's CPU compatibility layer (a process-wide torch function mode) is active here."""
-    mod = sys.modules.get("megammr.megatron_cpu")
-    return bool(mod is not None and getattr(mod, "_MODE", None) is not None)
-
-
-def _sync():
-    import torch
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
+# ----------------------------------------------------------------------------- inputs
 def _prepare_inputs(args, work: str) -> tuple[str, str]:
     """(model dir, phase-1 shard dir), written under `work` where not given."""
     if args.model:
@@ -211,86 +194,10 @@ def _bench_micro_batches(recipe, step_prompts: list[list[dict]]) -> list[list]:
     return out
 
 
-def _compute_params(recipe) -> dict:
-    o = recipe.optim
-    return {"model": recipe.model.hf_path, "seed": recipe.train.seed, "temperature": recipe.rollout.temperature,
-            "kl_coef": recipe.algo.kl_coef, "clip": recipe.algo.clip_low, "lr": o.lr,
-            "betas": [o.adam_beta1, o.adam_beta2], "eps": o.adam_eps, "weight_decay": o.weight_decay,
-            "clip_grad": o.clip_grad}
-
-
-def _token_logp(logits, labels, temperature: float):
-    import torch
-    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(
-        -1, labels.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-
-
-def _grpo_loss(logp, ref_logp, mask, adv, kl_coef: float, clip: float, total: float):
-    """Minimal token-mean GRPO: clipped ratio x advantage (ratio 1 on-policy) + k3 KL to the reference."""
-    import torch
-    ratio = torch.exp(logp - logp.detach())
-    a = adv.unsqueeze(-1)
-    pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip, 1 + clip) * a)
-    if ref_logp is not None:
-        d = ref_logp - logp
-        pg = pg + kl_coef * (torch.exp(d) - d - 1)
-    return (pg * mask).sum() / total
-
-
-def _compute_step(ref_forward, policy_forward, zero_grad, optimizer_step, kl: float, clip: float, T: float):
-    """one(mbs) -> times of the reference forward, forward/backward and optimizer step of one step."""
-    import torch
-
-    def one(mbs) -> dict:
-        _sync()
-        t0 = time.perf_counter()
-        ref_lp = [None] * len(mbs)
-        if ref_forward is not None:
-            with torch.no_grad():
-                ref_lp = [_token_logp(ref_forward(mb), mb["labels"], T) for mb in mbs]
-        _sync()
-        t1 = time.perf_counter()
-        zero_grad()
-        total = sum(float(mb["loss_mask"].sum()) for mb in mbs)
-        for mb, rl in zip(mbs, ref_lp):
-            logp = _token_logp(policy_forward(mb), mb["labels"], T)
-            _grpo_loss(logp, rl, mb["loss_mask"], mb["advantages"], kl, clip, total).backward()
-        _sync()
-        t2 = time.perf_counter()
-        optimizer_step()
-        _sync()
-        t3 = time.perf_counter()
-        return {"ref_forward_s": t1 - t0, "forward_backward_s": t2 - t1, "optimizer_s": t3 - t2, "total_s": t3 - t0,
-                "shapes": [list(mb["input_ids"].shape) for mb in mbs]}
-    return one
-
-
-def _time_compute(batches, one, what: str, paired=None) -> dict:
-    """one(mbs) for every step's micro-batches after one warm-up; paired(i), when given, right after
-    step i (so both see the same machine load)."""
-    one(batches[0])  # warm-up: first-call allocations
-    if paired is not None:
-        paired(0)
-    steps, pair_rows = [], []
-    for i, mbs in enumerate(batches):
-        steps.append(dict(one(mbs), index=i))
-        if paired is not None:
-            pair_rows.append(dict(paired(i), index=i))
-    out = {"what": what, "steps": steps, "median": {k: _median(s[k] for s in steps) for k in COMPUTE_KEYS}}
-    if pair_rows:
-        out["trainer_path"] = {"steps": pair_rows,
-                               "median": {k: _median(r[k] for r in pair_rows) for k in pair_rows[0] if k != "index"}}
-    return out
-
-
 def _as_dicts(batches) -> list[list[dict]]:
     """MicroBatch objects -> plain dicts of CPU tensors (what the worker subprocess loads)."""
     keys = ("input_ids", "position_ids", "labels", "loss_mask", "advantages", "pixel_values", "image_grid_thw")
     return [[{k: getattr(mb, k) for k in keys} for mb in mbs] for mbs in batches]
-
-
-def _to(batches, device) -> list[list[dict]]:
-    return [[{k: (v.to(device) if v is not None else None) for k, v in mb.items()} for mb in mbs] for mbs in batches]
 
 
 # ----------------------------------------------------------------------------- 1. megammr
@@ -350,269 +257,7 @@ def run_megammr(recipe, prompts: list[dict]) -> dict:
     return {"steps": steps, "run_s": round(total, 2), "log": log_path, "loadavg": [load_before, loadavg()]}
 
 
-# ----------------------------------------------------------------------------- 2. megatron compute
-def megatron_compute(recipe, batches, objects=None) -> dict:
-    """Reference forward, policy forward/backward and optimizer step of the megatron model, called
-    directly. With `objects` (the same micro-batches as megammr MicroBatch objects), each step is
-    followed by the trainer's own code path on it (megammr.train.step.forward_logprobs + train_on:
-    megatron's schedule, the fused loss kernels, the metric sums, the guarded optimizer step), so the
-    difference of the two is the train-side framework cost measured under the same load."""
-    from megammr import runtime
-    from megammr.models.backbones import Backbone
-    from megammr.train import setup
-
-    rt = runtime.init(recipe)
-    try:
-        with open(os.path.join(recipe.model.hf_path, "config.json")) as f:
-            bb = Backbone.from_hf_config(json.load(f), name=recipe.model.backbone)
-        module = setup.build_policy(recipe, bb)
-        ref = setup.build_policy(recipe, bb, frozen=True) if recipe.algo.kl_coef > 0 else None
-        ddp, opt, _ = setup.build_optimizer(recipe, module)
-
-        def fwd(m):
-            return lambda mb: m(input_ids=mb["input_ids"], position_ids=mb["position_ids"], attention_mask=None,
-                                pixel_values=mb["pixel_values"], image_grid_thw=mb["image_grid_thw"])
-
-        def zero():
-            ddp.zero_grad_buffer()
-            opt.zero_grad()
-
-        paired = None
-        if objects is not None:
-            from megammr.train.step import forward_logprobs, train_on
-            T = recipe.rollout.temperature
-            objs = [[mb.to(rt.device) for mb in mbs] for mbs in objects]
-
-            def paired(i):
-                mbs = objs[i]
-                _sync()
-                t0 = time.perf_counter()
-                if ref is not None:
-                    for mb, lp in zip(mbs, forward_logprobs(ref, mbs, T) or []):
-                        mb.ref_logp = lp
-                _sync()
-                t1 = time.perf_counter()
-                train_on(ddp, opt, mbs, recipe.algo, T)
-                _sync()
-                t2 = time.perf_counter()
-                return {"ref_forward_s": t1 - t0, "train_s": t2 - t1, "total_s": t2 - t0}
-
-        p = _compute_params(recipe)
-        one = _compute_step(fwd(ref) if ref is not None else None, fwd(ddp), zero, opt.step, p["kl_coef"], p["clip"],
-                            p["temperature"])
-        return _time_compute(_to(batches, rt.device), one,
-                             "megatron model called directly (megatron DDP wrapper and optimizer), plain torch "
-                             "log_softmax/gather loss", paired=paired)
-    finally:
-        runtime.shutdown()
-
-
-# ----------------------------------------------------------------------------- 3. HF compute + TRL (subprocess)
-def hf_compute(params: dict, batches) -> dict:
-    """The same work with transformers' Qwen2.5-VL and torch AdamW (TRL's model compute)."""
-    import torch
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    torch.manual_seed(params["seed"])
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(params["model"], dtype=torch.float32).to(dev).train()
-    ref = None
-    if params["kl_coef"] > 0:
-        ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(params["model"], dtype=torch.float32).to(dev).eval()
-        ref.requires_grad_(False)
-    opt = torch.optim.AdamW(model.parameters(), lr=params["lr"], betas=tuple(params["betas"]), eps=params["eps"],
-                            weight_decay=params["weight_decay"])
-    batches = _to(batches, dev)
-    for mbs in batches:  # right padding: attend to everything up to the last response token
-        for mb in mbs:
-            mask = mb["loss_mask"]
-            b, s = mask.shape
-            last = torch.where(mask.sum(1) > 0, s - 1 - mask.flip(1).argmax(1), torch.zeros(b, dtype=torch.long))
-            mb["attention_mask"] = (torch.arange(s, device=dev).unsqueeze(0) <= last.unsqueeze(1)).long()
-
-    def fwd(m):
-        return lambda mb: m(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"]).logits
-
-    def step():
-        if params["clip_grad"] > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), params["clip_grad"])
-        opt.step()
-
-    what = ("transformers Qwen2_5_VLForConditionalGeneration (its default attention), torch AdamW + "
-            "clip_grad_norm_, plain torch log_softmax/gather loss"
-            + (" (under megammr's CPU torch-function mode)" if _compat_mode_active() else ""))
-    one = _compute_step(fwd(ref) if ref is not None else None, fwd(model), lambda: opt.zero_grad(set_to_none=True),
-                        step, params["kl_coef"], params["clip"], params["temperature"])
-    return _time_compute(batches, one, what)
-
-
-def run_worker(args, recipe, prompts: list[dict], batches, work: str, *, trl: bool, hf: bool) -> dict:
-    """HF compute and/or TRL's GRPOTrainer in a fresh interpreter (see _worker)."""
-    import dataclasses
-
-    import torch
-
-    from megammr.rewards.core import Weights
-    spec = {
-        "threads": torch.get_num_threads(), "trl": trl, "hf": hf, "compute": _compute_params(recipe),
-        "model": recipe.model.hf_path, "out": work, "prompts": prompts,
-        "n": recipe.rollout.n, "max_new_tokens": recipe.rollout.max_new_tokens,
-        "temperature": recipe.rollout.temperature, "per_step": recipe.train.prompts_per_step,
-        "micro_batch_size": recipe.train.micro_batch_size, "steps": args.warmup + args.steps, "warmup": args.warmup,
-        "beta": recipe.algo.kl_coef, "epsilon": recipe.algo.clip_low, "epsilon_high": recipe.algo.clip_high,
-        "lr": recipe.optim.lr, "max_grad_norm": recipe.optim.clip_grad, "seed": recipe.train.seed,
-        "weight_decay": recipe.optim.weight_decay,
-        "reward": dataclasses.asdict(Weights.from_config(recipe.reward)),
-    }
-    os.makedirs(work, exist_ok=True)
-    spec_path, result_path = os.path.join(work, "spec.json"), os.path.join(work, "result.json")
-    batches_path = os.path.join(work, "micro_batches.pt")
-    spec["batches"] = batches_path
-    torch.save(batches, batches_path)
-    with open(spec_path, "w") as f:
-        json.dump(spec, f)
-    env = dict(os.environ, PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
-    env["PYTHONPATH"] = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) + \
-        os.pathsep + env.get("PYTHONPATH", "")
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT", "MASTER_ADDR"):
-        env.pop(k, None)
-    log_path = os.path.join(work, "worker.log")
-    load_before = loadavg()
-    with open(log_path, "w") as logf:
-        try:
-            p = subprocess.run([sys.executable, "-m", "megammr.bench.step", "--worker", spec_path, result_path],
-                               stdout=logf, stderr=subprocess.STDOUT, env=env, timeout=args.worker_timeout)
-        except subprocess.TimeoutExpired:
-            return {"error": f"timed out after {args.worker_timeout} s (log: {log_path})"}
-    if p.returncode != 0 or not os.path.isfile(result_path):
-        with open(log_path) as f:
-            tail = f.read()[-3000:]
-        return {"error": f"exit code {p.returncode} (log: {log_path})", "log_tail": tail}
-    with open(result_path) as f:
-        res = json.load(f)
-    if res.get("trl"):
-        res["trl"]["loadavg"] = [load_before, loadavg()]
-    return res
-
-
-def _worker(spec_path: str, result_path: str) -> int:
-    import torch
-    with open(spec_path) as f:
-        s = json.load(f)
-    torch.set_num_threads(s["threads"])
-    out: dict[str, Any] = {"threads": torch.get_num_threads(), "compat_mode": _compat_mode_active()}
-    if s["hf"]:
-        out["hf"] = hf_compute(s["compute"], torch.load(s["batches"]))
-        out["engine"] = _engine_generate(s)
-    if s["trl"]:
-        out["trl"] = _run_trl(s)
-    with open(result_path, "w") as f:
-        json.dump(out, f, default=str)
-    return 0
-
-
-def _engine_generate(s: dict) -> dict:
-    """megammr's rollout engine on the measured steps' prompts, in this clean process (no CPU mode)."""
-    from megammr.rollout.base import RolloutPrompt, SamplingParams
-    from megammr.rollout.hf_engine import TransformersEngine
-
-    per = s["per_step"]
-    engine = TransformersEngine.from_pretrained(s["model"], max_batch_sequences=per * s["n"])
-    sp = SamplingParams(temperature=s["temperature"], top_p=1.0, top_k=-1, max_new_tokens=s["max_new_tokens"],
-                        seed=s["seed"])
-    steps = [[RolloutPrompt(p["text"]) for p in s["prompts"][i * per:(i + 1) * per]]
-             for i in range(s["warmup"], s["steps"])]
-    engine.generate(steps[0], s["n"], sp)  # warm-up
-    rows = []
-    for i, prompts in enumerate(steps):
-        t0 = time.perf_counter()
-        ros = engine.generate(prompts, s["n"], sp)
-        rows.append({"index": i, "generate_s": time.perf_counter() - t0,
-                     "generated_tokens": sum(len(r.token_ids) for r in ros)})
-    return {"what": "megammr's TransformersEngine.generate outside the trainer (no CPU compatibility mode)",
-            "steps": rows, "median": {k: _median(r[k] for r in rows) for k in ("generate_s", "generated_tokens")}}
-
-
-def _run_trl(s: dict) -> dict:
-    import torch
-    from datasets import Dataset
-    from transformers import Qwen2_5_VLForConditionalGeneration, TrainerCallback
-    from trl import GRPOConfig, GRPOTrainer
-
-    from megammr.models.processor import load_processor
-    from megammr.rewards.core import RewardItem, Weights, score_item
-
-    w = Weights(**s["reward"])
-    per_step_completions = s["per_step"] * s["n"]
-    if per_step_completions % s["micro_batch_size"]:
-        raise SystemExit("prompts x n must be a multiple of the micro-batch size")
-    rec: dict[str, Any] = {"generate_s": [], "reward_s": [], "generated_tokens": [], "unique_prompts": [],
-                           "step_end": []}
-
-    def megammr_reward(prompts, completions, completion_ids, answer, choices, **kw):
-        t0 = time.perf_counter()
-        out = [score_item(RewardItem(c, a, json.loads(ch)), w).reward for c, a, ch in zip(completions, answer, choices)]
-        rec["reward_s"].append(time.perf_counter() - t0)
-        rec["generated_tokens"].append(sum(len(ids) for ids in completion_ids))
-        rec["unique_prompts"].append(len(set(prompts)))
-        return out
-
-    class StepTimes(TrainerCallback):
-        def on_train_begin(self, a, state, control, **kw):
-            rec["train_begin"] = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            rec["step_end"].append(time.perf_counter())
-
-    torch.manual_seed(s["seed"])
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(s["model"], dtype=torch.float32)
-    orig_generate = model.generate
-
-    def timed_generate(*a, **kw):
-        t0 = time.perf_counter()
-        out = orig_generate(*a, **kw)
-        rec["generate_s"].append(time.perf_counter() - t0)
-        return out
-
-    model.generate = timed_generate
-    ds = Dataset.from_list([{"prompt": p["text"], "answer": p["answer"], "choices": json.dumps(p["choices"])}
-                            for p in s["prompts"]])
-    cfg = GRPOConfig(
-        output_dir=os.path.join(s["out"], "trl-run"), max_steps=s["steps"], seed=s["seed"], data_seed=s["seed"],
-        per_device_train_batch_size=s["micro_batch_size"],
-        gradient_accumulation_steps=per_step_completions // s["micro_batch_size"],
-        num_generations=s["n"], max_completion_length=s["max_new_tokens"], temperature=s["temperature"],
-        top_p=1.0, top_k=0, repetition_penalty=1.0, beta=s["beta"], epsilon=s["epsilon"],
-        epsilon_high=s["epsilon_high"], loss_type="dapo", scale_rewards="group", num_iterations=1,
-        learning_rate=s["lr"], lr_scheduler_type="constant", warmup_steps=0, weight_decay=s["weight_decay"],
-        max_grad_norm=s["max_grad_norm"], optim="adamw_torch", shuffle_dataset=False,
-        gradient_checkpointing=False, bf16=False, fp16=False, use_cpu=not torch.cuda.is_available(),
-        logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True, dataloader_num_workers=0,
-        log_completions=False, remove_unused_columns=False,
-    )
-    processor = load_processor(s["model"])
-    trainer = GRPOTrainer(model=model, reward_funcs=[megammr_reward], args=cfg, train_dataset=ds,
-                          processing_class=processor, callbacks=[StepTimes()])
-    trainer.train()
-    ends = rec["step_end"]
-    walls = [b - a for a, b in zip([rec["train_begin"]] + ends[:-1], ends)]
-    tok = processor.tokenizer
-
-    def at(key, i):
-        return rec[key][i] if i < len(rec[key]) else None
-
-    steps = []
-    for i, wall in enumerate(walls):
-        texts = [p["text"] for p in s["prompts"][i * s["per_step"]:(i + 1) * s["per_step"]]]
-        steps.append({"step": i + 1, "wall_s": wall, "generate_s": at("generate_s", i), "reward_s": at("reward_s", i),
-                      "generated_tokens": at("generated_tokens", i), "unique_prompts": at("unique_prompts", i),
-                      "prompt_tokens": sum(len(x) for x in tok(texts)["input_ids"]) * s["n"]})
-    keys = ("per_device_train_batch_size", "gradient_accumulation_steps", "generation_batch_size",
-            "steps_per_generation", "num_generations", "max_completion_length", "temperature", "top_p", "top_k",
-            "beta", "epsilon", "epsilon_high", "loss_type", "scale_rewards", "learning_rate", "max_grad_norm",
-            "optim", "gradient_checkpointing", "bf16", "use_cpu", "shuffle_dataset")
-    return {"steps": steps, "generate_calls": len(rec["generate_s"]),
-            "config": {k: str(getattr(cfg, k)) if k == "optim" else getattr(cfg, k) for k in keys}}
+# 2. model compute: megammr/bench/compute.py; 3. TRL in a subprocess: megammr/bench/yardstick.py
 
 
 # ----------------------------------------------------------------------------- report
@@ -629,7 +274,7 @@ def _overhead(rows: list[dict], step_key: str, gen_key: str, compute: list[dict]
         share.append(o / r[step_key])
     if not over:
         return None
-    return {"seconds": _median(over), "share": _median(share), "step": step_key}
+    return {"seconds": median(over), "share": median(share), "step": step_key}
 
 
 def _overhead_by_parts(rows: list[dict], direct: list[dict], path: list[dict], med: dict) -> Optional[dict]:
@@ -643,7 +288,7 @@ def _overhead_by_parts(rows: list[dict], direct: list[dict], path: list[dict], m
     if not stages:
         return None
     wall = med["wall_s"] if med["wall_s"] is not None else med["step_s"]
-    s, e = _median(stages), (_median(extra) if extra else None)
+    s, e = median(stages), (median(extra) if extra else None)
     total = s + (e or 0.0)
     return {"stages_s": s, "train_path_extra_s": e, "seconds": total, "share": total / wall if wall else None,
             "pairs": len(extra)}
@@ -676,7 +321,7 @@ def build_report(args, recipe, rounds: list[dict]) -> dict:
             trl_info = {kk: vv for kk, vv in w["trl"].items() if kk != "steps"}
     mm_m = measured(mm_rows)
     keys = [f"{s}_s" for s in STAGES] + ["other_s", "step_s", "wall_s", "generated_tokens", "prompt_tokens"]
-    mm_med = {k: _median(r[k] for r in mm_m) for k in keys}
+    mm_med = {k: median(r[k] for r in mm_m) for k in keys}
     rep: dict[str, Any] = {
         "config": {"prompts": args.prompts, "n": args.n, "max_new_tokens": args.max_new_tokens,
                    "micro_batch_size": args.micro_batch_size, "warmup": args.warmup, "steps": args.steps,
@@ -689,7 +334,7 @@ def build_report(args, recipe, rounds: list[dict]) -> dict:
         "megammr": {"median": mm_med, "steps": mm_rows,
                     "prompts_match": all(r["prompts_match"] for r in mm_rows),
                     "runs": [{kk: vv for kk, vv in rd["megammr"].items() if kk != "steps"} for rd in rounds]},
-        "model_compute": {key: ({"what": whats[key], "median": {c: _median(r[c] for r in rows) for c in COMPUTE_KEYS},
+        "model_compute": {key: ({"what": whats[key], "median": {c: median(r[c] for r in rows) for c in COMPUTE_KEYS},
                                  "steps": rows} if rows else None) for key, rows in comp.items()},
         "overhead": {
             "megammr": _overhead(mm_m, "step_s", "rollout_s", comp["megatron"]),
@@ -699,7 +344,7 @@ def build_report(args, recipe, rounds: list[dict]) -> dict:
             "trl": None},
         "engine_outside_trainer": ({"what": "megammr's TransformersEngine.generate on the same prompts in a clean "
                                             "process (no CPU compatibility mode): compare with time/rollout",
-                                    "median": {k: _median(r[k] for r in engine_rows)
+                                    "median": {k: median(r[k] for r in engine_rows)
                                                for k in ("generate_s", "generated_tokens")},
                                     "steps": engine_rows} if engine_rows else None),
         "trl": None,
@@ -710,13 +355,13 @@ def build_report(args, recipe, rounds: list[dict]) -> dict:
         rep["model_compute"]["megatron"]["trainer_path"] = {
             "what": "the trainer's own train-side code (forward_logprobs + train_on) on the same micro-batches, "
                     "run right after each direct step",
-            "median": {k: _median(r[k] for r in path_rows) for k in ("ref_forward_s", "train_s", "total_s")},
+            "median": {k: median(r[k] for r in path_rows) for k in ("ref_forward_s", "train_s", "total_s")},
             "steps": path_rows}
     if args.no_trl:
         rep["trl"] = {"skipped": "--no-trl"}
     elif trl_rows:
         t_m = measured(trl_rows)
-        t_med = {k: _median(r[k] for r in t_m)
+        t_med = {k: median(r[k] for r in t_m)
                  for k in ("wall_s", "generate_s", "reward_s", "generated_tokens", "prompt_tokens")}
         rep["trl"] = {"median": t_med, "steps": trl_rows, **(trl_info or {})}
         rep["overhead"]["trl"] = _overhead(t_m, "wall_s", "generate_s", comp["hf"])
@@ -862,11 +507,11 @@ def run(args) -> int:
             rd["megammr"] = run_megammr(r_k, prompts)
             print(tag + "megatron model compute ...", file=sys.stderr, flush=True)
             rd["megatron"] = megatron_compute(r_k, batches, objects)
-            if k == 0 and not args.no_hf_compute and _compat_mode_active():
+            if k == 0 and not args.no_hf_compute and compat_mode_active():
                 # Diagnostic: transformers' model under megammr's CPU compatibility layer (which the
                 # trainer's rollout engine runs under), against the clean figure from the worker.
                 print(tag + "HF model compute under megammr's CPU mode ...", file=sys.stderr, flush=True)
-                rd["hf_under_cpu_mode"] = hf_compute(_compute_params(r_k), batches)
+                rd["hf_under_cpu_mode"] = hf_compute(compute_params(r_k), batches)
             if trl or not args.no_hf_compute:
                 print(tag + ("HF model compute + " if not args.no_hf_compute else "") +
                       ("TRL GRPOTrainer " if trl else "") + "(subprocess) ...", file=sys.stderr, flush=True)
@@ -885,8 +530,6 @@ def run(args) -> int:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 4 and sys.argv[1] == "--worker":
-        sys.exit(_worker(sys.argv[2], sys.argv[3]))
     ap = argparse.ArgumentParser(prog="python -m megammr.bench.step")
     add_arguments(ap)
     sys.exit(run(ap.parse_args()))
