@@ -3,7 +3,7 @@
 Public API (every function picks Triton on CUDA tensors and the chunked torch path elsewhere;
 `backend="torch"|"triton"` or the environment variable MEGAMMR_KERNELS forces one):
 
-    logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False, *, group=None, ...)
+    logprobs_from_logits(logits, labels, temperature, return_entropy=False, *, group=None, ...)
     vocab_parallel_logprobs_from_logits(...)   same, logits sharded over Megatron's TP group
     logprobs_from_hidden(hidden, weight, labels, ...)   no [T, V] logits at all (chunked)
     grpo_loss(logp, old_logp, advantages, mask, *, ref_logp, rollout_logp, entropy, ...)

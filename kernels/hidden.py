@@ -75,7 +75,7 @@ class _HiddenLogProbs(torch.autograd.Function):
                 None, None, None, None, None, None, None)
 
 
-def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+def logprobs_from_hidden(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, temperature: float,
                          return_entropy: bool = False, *, ignore_index: int = -100, group=None,
                          backend: str | None = "auto", chunk_tokens: int | None = None):
     """logprobs_from_logits(hidden @ weight.T, ...) without materialising the logits.

@@ -155,7 +155,7 @@ class _LogProbs(torch.autograd.Function):
         return out.view(shape), None, None, None, None, None, None, None, None
 
 
-def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0,
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature: float,
                          return_entropy: bool = False, *, ignore_index: int = -100, inplace_backward: bool = False,
                          group=None, backend: str | None = "auto", block_v: int | None = None):
     """log softmax(logits / temperature)[label] per token, and optionally the entropy.
@@ -185,7 +185,7 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor, temperature
     return (logp, ent) if return_entropy else logp
 
 
-def vocab_parallel_logprobs_from_logits(logits, labels, temperature=1.0, return_entropy=False, *, group=None,
+def vocab_parallel_logprobs_from_logits(logits, labels, temperature, return_entropy=False, *, group=None,
                                         **kwargs):
     """logprobs_from_logits for logits sharded over the vocabulary; group defaults to Megatron's TP group."""
     if group is None:

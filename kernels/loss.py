@@ -20,7 +20,7 @@ from . import reference
 from .logprobs import resolve_backend
 
 
-def aggregation_weights(mask, loss_agg="token_mean", seq_ids=None, normalizer=None):
+def aggregation_weights(mask, loss_agg, seq_ids=None, normalizer=None):
     """Per-token weights w (flat [T], fp32) such that loss = sum_t w_t l_t."""
     f = mask.reshape(-1).float()
     if loss_agg == "token_mean":
@@ -63,10 +63,13 @@ class _GRPOLoss(torch.autograd.Function):
         return g * dlogp, (g * dent if ctx.has_ent else None), None, None, None, None, None, None, None
 
 
-def grpo_loss(logp, old_logp, advantages, mask, *, ref_logp=None, rollout_logp=None, entropy=None,
-              clip_low=0.2, clip_high=0.2, kl_coef=0.0, kl_estimator="k3", tis_cap=None, entropy_coef=0.0,
-              loss_agg="token_mean", seq_ids=None, normalizer=None, backend: str | None = "auto"):
+def grpo_loss(logp, old_logp, advantages, mask, *, clip_low, clip_high, kl_coef, kl_estimator, tis_cap,
+              entropy_coef, loss_agg, ref_logp=None, rollout_logp=None, entropy=None, seq_ids=None, normalizer=None,
+              backend: str | None = "auto"):
     """Scalar GRPO loss and detached metrics; see the module docstring for the formula.
+
+    The algorithm's settings (clip bounds, KL coefficient and estimator, TIS cap or None, entropy
+    coefficient, aggregation) have no defaults here: their one source is the recipe (AlgoConfig).
 
     logp (and entropy) carry gradients; every other input is treated as a constant. All tensors
     share logp's shape ([T] packed or [B, S] padded); advantages may also be [B] for [B, S].

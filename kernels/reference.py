@@ -39,7 +39,7 @@ def chunk_rows(n_rows: int, vocab: int, budget: int | None = None) -> int:
 
 
 # --------------------------------------------------------------------------- float64 truth
-def naive_logprobs(logits, labels, temperature=1.0, ignore_index=-100):
+def naive_logprobs(logits, labels, temperature, ignore_index=-100):
     """float64 log p(label) and entropy of softmax(logits / temperature); ignored labels give 0."""
     z = logits.double() / temperature
     logp_all = torch.log_softmax(z, dim=-1)
@@ -51,8 +51,8 @@ def naive_logprobs(logits, labels, temperature=1.0, ignore_index=-100):
     return logp, ent
 
 
-def naive_token_terms(logp, old_logp, advantages, *, ref_logp=None, rollout_logp=None, clip_low=0.2,
-                      clip_high=0.2, kl_coef=0.0, kl_estimator="k3", tis_cap=None):
+def naive_token_terms(logp, old_logp, advantages, *, clip_low, clip_high, kl_coef, kl_estimator, tis_cap=None,
+                      ref_logp=None, rollout_logp=None):
     """Per-token GRPO/PPO loss (before aggregation), written the textbook way with torch ops.
 
     Differentiable through `logp` by plain autograd; in float64 it is the tests' ground truth.

@@ -184,6 +184,28 @@ class Recipe:
         return world_size // mp
 
 
+@dataclass(frozen=True)
+class ToolDefaults:
+    """Defaults of the data, captioning, evaluation and tiny-model tools: not recipe fields (they
+    shape no training run), kept here so that each tool's flag and the library function behind it
+    read one value."""
+    decontam_ngram: int = 13  # word n-gram shared with an eval question = contaminated (GPT-3's and Llama's length)
+    shard_max_mb: float = 256.0  # largest shard (tools/build_shards.py --shard-size-mb)
+    shard_max_records: int = 10_000  # most records per shard (--shard-records)
+    caption_batch_size: int = 8  # records per generate call (tools/caption.py --batch-size)
+    caption_max_new_tokens: int = 256  # longest caption (--max-new-tokens)
+    eval_batch_size: int = 8  # prompts per generate call (megammr eval --batch-size)
+    # The tiny model's supervised format warm-up (models/warmup.py, tools/make_tiny_model.py), tuned
+    # on recipes/tiny: at temperature 1.0 and 48 new tokens the strict format then comes out roughly
+    # a third of the time, accuracy near zero.
+    warmup_steps: int = 35
+    warmup_lr: float = 3e-3
+    warmup_batch: int = 16
+
+
+TOOLS = ToolDefaults()
+
+
 # --------------------------------------------------------------------------- loading
 class RecipeError(ValueError):
     """A recipe or override that does not fit the schema. Each line names the file (or "command

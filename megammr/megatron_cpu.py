@@ -174,6 +174,11 @@ def applied() -> list[str]:
     return list(_APPLIED)
 
 
+def mode_active() -> bool:
+    """Whether the CPU device mode (a process-wide torch function mode) was entered in this process."""
+    return _MODE is not None
+
+
 @contextlib.contextmanager
 def suspended():
     """The device mode switched off for code that never reaches megatron-core, e.g. the rollout

@@ -18,9 +18,10 @@ from typing import Optional
 
 
 class MetricsLog:
-    def __init__(self, output_dir: str, enabled: bool, total_steps: int, log_interval: int = 1,
-                 resume_after: int = 0, progress: str = "auto", desc: str = "train", wandb: Optional[dict] = None):
-        """`wandb`: None (off) or wandb.init arguments (project, name, config, ...), see `_wandb`."""
+    def __init__(self, output_dir: str, enabled: bool, total_steps: int, log_interval: int, *,
+                 progress: str, resume_after: int = 0, desc: str = "train", wandb: Optional[dict] = None):
+        """`log_interval`, `progress`: train.log_interval and train.progress (defaults in config.py).
+        `wandb`: None (off) or wandb.init arguments (project, name, config, ...), see `_wandb`."""
         self.enabled, self.total = enabled, total_steps
         self.path = os.path.join(output_dir, "metrics.jsonl")
         self._f = self._tb = self._wandb = self.progress = None
@@ -36,7 +37,7 @@ class MetricsLog:
             self._tb = _tensorboard(os.path.join(output_dir, "tensorboard"), resume_after)
             if wandb is not None:
                 self._wandb = _wandb(output_dir, **wandb)
-            self.progress = Progress(total_steps, resume_after, log_interval, progress, desc)
+            self.progress = Progress(total_steps, resume_after, interval=log_interval, mode=progress, desc=desc)
 
     def log(self, m: dict) -> None:
         if not self.enabled:
@@ -118,8 +119,8 @@ class Progress:
     `done_before`: steps finished by an earlier run of this phase (resume); rates and the ETA count
     only this run's steps."""
 
-    def __init__(self, total: int, done_before: int = 0, interval: int = 1, mode: str = "auto",
-                 desc: str = "train", file=None):
+    def __init__(self, total: int, done_before: int = 0, *, interval: int, mode: str, desc: str = "train",
+                 file=None):
         self.total, self.done_before, self.interval = total, done_before, max(1, interval)
         self.file = file or sys.stdout
         self.t0 = time.perf_counter()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megammr.config import TOOLS
 from megammr.data.schema import DEFAULT_MAX_IMAGE_PIXELS, RecordError
 from megammr.data.shards import BuildError, build_shards
 
@@ -28,12 +29,12 @@ def main(argv=None) -> int:
                    help="skip invalid records (counted per reason, written to OUT/rejected.jsonl) instead of stopping")
     p.add_argument("--exclude", nargs="+", default=[], metavar="EVAL.jsonl",
                    help="drop records whose question matches one of these evaluation sets (decontamination)")
-    p.add_argument("--ngram", type=int, default=13,
+    p.add_argument("--ngram", type=int, default=TOOLS.decontam_ngram,
                    help="decontamination: word n-gram length counted as overlap (0: exact matches only)")
     p.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS,
                    help="reject images with more pixels than this (before resizing)")
-    p.add_argument("--shard-size-mb", type=float, default=256, help="largest shard in MiB")
-    p.add_argument("--shard-records", type=int, default=10_000, help="most records per shard")
+    p.add_argument("--shard-size-mb", type=float, default=TOOLS.shard_max_mb, help="largest shard in MiB (default: %(default)s)")
+    p.add_argument("--shard-records", type=int, default=TOOLS.shard_max_records, help="most records per shard (default: %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megammr.config import TOOLS
 from megammr.data.caption import CAPTION_INSTRUCTION, caption_file
 from megammr.data.schema import RecordError
 
@@ -25,8 +26,8 @@ def main(argv=None) -> int:
     p.add_argument("--engine", choices=["transformers"], default="transformers",
                    help="rollout engine (vLLM arrives with the trainer)")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=8, help="records per generate() call")
-    p.add_argument("--max-new-tokens", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=TOOLS.caption_batch_size, help="records per generate() call (default: %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=TOOLS.caption_max_new_tokens)
     p.add_argument("--recaption", action="store_true", help="replace captions the input already has")
     p.add_argument("--skip-invalid", action="store_true", help="count and skip invalid records instead of stopping")
     p.add_argument("--instruction", default=CAPTION_INSTRUCTION, help="the captioning request sent with each image")

@@ -24,7 +24,7 @@ def _finish(logp, entropy, mask, advantages, old_logp, algo, ref_logp, rollout_l
 
 
 def policy_loss(logits, labels, mask, advantages, algo, *, old_logp=None, ref_logp=None, rollout_logp=None,
-                temperature: float = 1.0, tp_group=None, seq_ids=None, normalizer=None, inplace_backward=False,
+                temperature: float, tp_group=None, seq_ids=None, normalizer=None, inplace_backward=False,
                 backend="auto"):
     """GRPO loss from LM-head logits [..., V(/tp)] and target token ids [...].
 
@@ -42,7 +42,7 @@ def policy_loss(logits, labels, mask, advantages, algo, *, old_logp=None, ref_lo
 
 
 def policy_loss_from_hidden(hidden, weight, labels, mask, advantages, algo, *, old_logp=None, ref_logp=None,
-                            rollout_logp=None, temperature: float = 1.0, tp_group=None, seq_ids=None,
+                            rollout_logp=None, temperature: float, tp_group=None, seq_ids=None,
                             normalizer=None, backend="auto", chunk_tokens=None):
     """Same as policy_loss from the final hidden states [..., H] and output weight [V(/tp), H]."""
     logp, entropy = logprobs_from_hidden(hidden, weight, labels, temperature, return_entropy=True, group=tp_group,

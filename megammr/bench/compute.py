@@ -25,8 +25,8 @@ def median(xs) -> Optional[float]:
 
 def compat_mode_active() -> bool:
     """Whether megammr's CPU compatibility layer (a process-wide torch function mode) is active here."""
-    mod = sys.modules.get("megammr.megatron_cpu")
-    return bool(mod is not None and getattr(mod, "_MODE", None) is not None)
+    mod = sys.modules.get("megammr.megatron_cpu")  # never imported here: its import alone changes nothing
+    return bool(mod is not None and mod.mode_active())
 
 
 def sync():

@@ -37,7 +37,8 @@ import torch
 
 CPU_VARIANTS = ("naive", "ours", "ours-oop", "naive-nograd", "ours-nograd")
 NOGRAD_SUFFIX = "-nograd"
-LOSS_CFG = dict(clip_low=0.2, clip_high=0.28, kl_coef=1e-3, kl_estimator="k3", entropy_coef=1e-3)
+LOSS_CFG = dict(clip_low=0.2, clip_high=0.28, kl_coef=1e-3, kl_estimator="k3", tis_cap=None, entropy_coef=1e-3,
+                loss_agg="token_mean")
 
 
 def _positive_int(text: str) -> int:
@@ -110,7 +111,7 @@ def _naive(logits, labels, old, ref, adv, mask):
     logp_all = torch.log_softmax(logits, dim=-1)
     logp = logp_all.gather(-1, labels[:, None]).squeeze(-1)
     ent = -(logp_all.exp() * logp_all).sum(-1)
-    cfg = {k: v for k, v in LOSS_CFG.items() if k != "entropy_coef"}
+    cfg = {k: v for k, v in LOSS_CFG.items() if k not in ("entropy_coef", "loss_agg")}
     terms = naive_token_terms(logp, old, adv, ref_logp=ref, **cfg) - LOSS_CFG["entropy_coef"] * ent
     m = mask.float()
     loss = (terms * m).sum() / m.sum()
@@ -120,7 +121,7 @@ def _naive(logits, labels, old, ref, adv, mask):
 
 def _ours(logits, labels, old, ref, adv, mask, inplace):
     from megammr.kernels import grpo_loss, logprobs_from_logits
-    logp, ent = logprobs_from_logits(logits, labels, return_entropy=True, inplace_backward=inplace)
+    logp, ent = logprobs_from_logits(logits, labels, 1.0, return_entropy=True, inplace_backward=inplace)
     loss, _ = grpo_loss(logp, old, adv, mask, ref_logp=ref, entropy=ent, **LOSS_CFG)
     (dlogits,) = torch.autograd.grad(loss, logits)
     return loss.detach(), logp.detach(), ent.detach(), dlogits
@@ -313,18 +314,18 @@ def run_gpu(args) -> dict:
         rows.append(r)
 
     # correctness on the first rows against float64, before any timing
-    lp, en = logprobs_from_logits(logits, labels, return_entropy=True)
-    rl, re = naive_logprobs(logits[:256].double(), labels[:256])
+    lp, en = logprobs_from_logits(logits, labels, 1.0, return_entropy=True)
+    rl, re = naive_logprobs(logits[:256].double(), labels[:256], 1.0)
     err = max(_rel(lp[:256], rl), _rel(en[:256], re))
 
     x = logits.clone().requires_grad_()
 
     def ours_fwd(bv=None):
         with torch.no_grad():
-            return logprobs_from_logits(logits, labels, return_entropy=True, block_v=bv)
+            return logprobs_from_logits(logits, labels, 1.0, return_entropy=True, block_v=bv)
 
     def ours_fwd_bwd():
-        a, b = logprobs_from_logits(x, labels, return_entropy=True)
+        a, b = logprobs_from_logits(x, labels, 1.0, return_entropy=True)
         return torch.autograd.grad((a * g1).sum() + (b * g2).sum(), x)
 
     def naive_fwd():
@@ -358,10 +359,10 @@ def run_gpu(args) -> dict:
 
     def hid_fwd():
         with torch.no_grad():
-            return logprobs_from_hidden(hidden, weight, labels, return_entropy=True)
+            return logprobs_from_hidden(hidden, weight, labels, 1.0, return_entropy=True)
 
     def hid_fwd_bwd():
-        a, b = logprobs_from_hidden(h, w, labels, return_entropy=True)
+        a, b = logprobs_from_hidden(h, w, labels, 1.0, return_entropy=True)
         return torch.autograd.grad((a * g1).sum() + (b * g2).sum(), (h, w))
 
     def hid_naive_fwd_bwd():

@@ -78,8 +78,9 @@ def make_mix(n: int, group: int, seed: int = 0, first: int = 0) -> list:
             right, wrong = ["C", "(C)", "C.", f"{a}/{b}"], ["A", "(B)", "D"]
         for _ in range(group):
             u = rng.random()
-            if u < 0.03:      # malformed: no tags, truncated
-                resp = f"I think the answer is {rng.choice(right)}" if rng.random() < 0.5 else f"<think>{_think(rng)}"
+            if u < 0.03:      # malformed: no tags, truncated (the group's value keeps them distinct too)
+                resp = (f"I think the answer is {rng.choice(right)} (item {a})" if rng.random() < 0.5
+                        else f"<think>{_think(rng)} {a}")
             elif u < 0.04:    # hostile: a power tower, 60-deep braces, a Python payload, NUL bytes
                 think = f"<think>{_think(rng)}</think>"
                 resp = think + rng.choice([f"<answer>10^{{10^{{{a + 10}}}}}</answer>",

@@ -18,6 +18,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megammr.config import TOOLS
 from megammr.data.images import decode_image
 from megammr.data.prompts import DEFAULT_QWEN_SYSTEM, build_messages, render_chat
 from megammr.data.schema import RecordError, count_rows, is_plain_json, read_rows, validate
@@ -66,7 +67,8 @@ def _done_ids(out: str) -> set[str]:
     return ids
 
 
-def caption_file(input_path: str, out: str, engine, *, sampling, batch_size: int = 8, recaption: bool = False,
+def caption_file(input_path: str, out: str, engine, *, sampling, batch_size: int = TOOLS.caption_batch_size,
+                 recaption: bool = False,
                  skip_invalid: bool = False, instruction: str = CAPTION_INSTRUCTION, progress: bool = True,
                  max_image_pixels: Optional[int] = None) -> CaptionSummary:
     """Caption every record of `input_path` into `out` (JSONL, same records plus `caption`)."""

@@ -1,7 +1,7 @@
 """Decontamination: drop training questions that appear in an evaluation set.
 
 A training question matches an evaluation question when their normalised texts are equal, or
-when they share one word n-gram of length `ngram` (13 by default, the length GPT-3's and
+when they share one word n-gram of length `ngram` (config.TOOLS.decontam_ngram, 13, the length GPT-3's and
 most later contamination reports use): long enough that a shared span is not a stock phrase.
 """
 from __future__ import annotations
@@ -10,6 +10,8 @@ import json
 import re
 import unicodedata
 from typing import Optional
+
+from megammr.config import TOOLS
 
 _NON_WORD = re.compile(r"[^\w]+")
 QUESTION_KEYS = ("question", "problem", "query", "prompt")
@@ -28,7 +30,7 @@ def ngrams(words: list[str], n: int):
 class Decontaminator:
     """Index of evaluation questions from one or more JSONL files."""
 
-    def __init__(self, paths: list[str], ngram: int = 13):
+    def __init__(self, paths: list[str], ngram: int = TOOLS.decontam_ngram):
         self.paths = list(paths)
         self.n = ngram
         self.exact: dict[str, str] = {}

@@ -34,9 +34,9 @@ class ImageInputs:
         return [int(np.prod(g)) // (merge_size * merge_size) for g in self.image_grid_thw]
 
 
-def smart_resize(height: int, width: int, factor: int = PATCH_SIZE * MERGE_SIZE,
-                 min_pixels: int = 56 * 56, max_pixels: int = 28 * 28 * 1280) -> tuple[int, int]:
-    """Target (h, w): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept."""
+def smart_resize(height: int, width: int, factor: int, min_pixels: int, max_pixels: int) -> tuple[int, int]:
+    """Target (h, w): multiples of `factor`, area within [min_pixels, max_pixels], aspect kept
+    (the pixel bounds are the recipe's data.min_pixels / data.max_pixels)."""
     if max(height, width) / min(height, width) > 200:
         raise ValueError(f"image {width}x{height}: aspect ratio over 200 cannot be resized for Qwen2.5-VL")
     h = round(height / factor) * factor

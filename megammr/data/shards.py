@@ -24,6 +24,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megammr.config import TOOLS
 from megammr.data.schema import DEFAULT_MAX_IMAGE_PIXELS, RecordError, count_rows, read_rows, validate
 
 MANIFEST = "megammr.json"
@@ -111,8 +112,10 @@ class BuildSummary:
 
 
 def build_shards(inputs: list[str], phase: int, out: str, *, skip_invalid: bool = False,
-                 exclude: tuple = (), ngram: int = 13, max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
-                 shard_max_bytes: int = 256 << 20, shard_max_samples: int = 10_000, overwrite: bool = False,
+                 exclude: tuple = (), ngram: int = TOOLS.decontam_ngram,
+                 max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS,
+                 shard_max_bytes: int = int(TOOLS.shard_max_mb * (1 << 20)),
+                 shard_max_samples: int = TOOLS.shard_max_records, overwrite: bool = False,
                  progress: bool = True, energon_workers: int = 1) -> BuildSummary:
     """Validate every row of `inputs` and write shards of the valid ones to `out`.
 

@@ -17,6 +17,8 @@ import os
 import re
 import sys
 
+from megammr.config import TOOLS
+
 
 def add_arguments(p: argparse.ArgumentParser):
     from megammr.eval.readers import READERS
@@ -28,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--recipe", default=None, help="recipe whose rollout/reward sections to use "
                    "(default: the training run's, when --model is a phase's OUTPUT_DIR/hf)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N samples")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts per generate call")
+    p.add_argument("--batch-size", type=int, default=TOOLS.eval_batch_size, help="prompts per generate call (default: %(default)s)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="default: the recipe's rollout.max_new_tokens")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--seed", type=int, default=0)

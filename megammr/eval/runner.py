@@ -18,6 +18,7 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Optional, Sequence
 
+from megammr.config import TOOLS
 from megammr.eval.readers import PAPER, EvalSample
 
 log = logging.getLogger(__name__)
@@ -42,7 +43,7 @@ def build_prompt(sample: EvalSample, images: list, system_prompt: Optional[str] 
 
 
 def evaluate(engine, samples: Sequence[EvalSample], bench: str, *, out_dir: str, sampling=None,
-             reward_cfg=None, batch_size: int = 8, system_prompt: Optional[str] = None,
+             reward_cfg=None, batch_size: int = TOOLS.eval_batch_size, system_prompt: Optional[str] = None,
              progress: bool = False) -> dict:
     """Generate, score and write OUT/<bench>_samples.jsonl and the summary; `progress`: a bar on stderr."""
     from megammr.config import RewardConfig, RolloutConfig

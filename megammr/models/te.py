@@ -33,7 +33,8 @@ FP8_RECIPES = {
 FP8_AMAX_HISTORY = 1024
 
 
-def _version_tuple(v: str) -> tuple[int, ...]:
+def version_tuple(v: str) -> tuple[int, ...]:
+    """The leading numeric release parts: "2.3.0.dev0+5fdd7bb" -> (2, 3, 0) (TE's and vLLM's version gates)."""
     out = []
     for part in v.replace("+", ".").replace("-", ".").split("."):
         digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
@@ -44,7 +45,7 @@ def _version_tuple(v: str) -> tuple[int, ...]:
 
 
 def version_at_least(v: Optional[str], minimum: str) -> bool:
-    return v is not None and _version_tuple(v) >= _version_tuple(minimum)
+    return v is not None and version_tuple(v) >= version_tuple(minimum)
 
 
 def te_version() -> Optional[str]:
@@ -69,7 +70,7 @@ def require_te():
     return transformer_engine
 
 
-def fp8_config_fields(precision: str, fp8_recipe: str, num_layers: int, pp: int = 1) -> dict:
+def fp8_config_fields(precision: str, fp8_recipe: str, num_layers: int, pp: int) -> dict:
     """TransformerConfig keyword arguments for `precision` (empty unless it is fp8)."""
     if precision != "fp8":
         return {}

@@ -246,11 +246,16 @@ def _write_tokenizer_files(out_dir: str, tok, model_max_length: int) -> dict[str
     return ids
 
 
-def write_processor_files(out_dir: str, min_pixels: int = 3136, max_pixels: int = 12845056,
-                          patch_size: int = 14, temporal_patch_size: int = 2, merge_size: int = 2) -> None:
+# The published Qwen2.5-VL repositories' preprocessor_config.json pixel bounds (the processor's own;
+# training and rollout use the recipe's data.min_pixels / data.max_pixels instead).
+PUBLISHED_MIN_PIXELS, PUBLISHED_MAX_PIXELS = 3136, 12845056
+
+
+def write_processor_files(out_dir: str, patch_size: int = 14, temporal_patch_size: int = 2,
+                          merge_size: int = 2) -> None:
     """preprocessor_config.json + chat_template.json as in the published Qwen2.5-VL repositories."""
     pre = {
-        "min_pixels": min_pixels, "max_pixels": max_pixels, "patch_size": patch_size,
+        "min_pixels": PUBLISHED_MIN_PIXELS, "max_pixels": PUBLISHED_MAX_PIXELS, "patch_size": patch_size,
         "temporal_patch_size": temporal_patch_size, "merge_size": merge_size,
         "image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
         "image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen2_5_VLProcessor",

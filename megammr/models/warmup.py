@@ -31,15 +31,14 @@ from typing import Optional, Sequence
 
 import torch
 
+from megammr.config import TOOLS
+
 # Fixed, short reasoning: the point is the format, not the reasoning; short keeps the whole
 # demonstration (~30 tokens with the tiny byte-level BPE) well inside a 48-token rollout budget.
 REASONING = "Let me solve it."
 
-# Defaults tuned on the tiny backbone (recipes/tiny): at temperature 1.0 and 48 new tokens the
-# strict format comes out roughly a third of the time, accuracy near zero (see tools/make_tiny_model.py).
-DEFAULT_STEPS = 35
-DEFAULT_LR = 3e-3
-DEFAULT_BATCH = 16
+# The warm-up's defaults live in megammr/config.py (TOOLS.warmup_*), tuned on the tiny backbone.
+DEFAULT_STEPS, DEFAULT_LR, DEFAULT_BATCH = TOOLS.warmup_steps, TOOLS.warmup_lr, TOOLS.warmup_batch
 
 # Everything of an HF directory except the weights (and what save_pretrained writes itself).
 _WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -168,8 +167,8 @@ def format_warmup(src_dir: str, out_dir: str, records_jsonl: str, *, steps: int 
 
 
 @torch.no_grad()
-def sample_format_rate(model_dir: str, records_jsonl: str, *, num_prompts: int = 32, n: int = 4,
-                       max_new_tokens: int = 48, temperature: float = 1.0, seed: int = 0,
+def sample_format_rate(model_dir: str, records_jsonl: str, *, max_new_tokens: int, temperature: float,
+                       num_prompts: int = 32, n: int = 4, seed: int = 0,
                        records: Optional[list[dict]] = None) -> dict:
     """Sample `n` responses for each of the first `num_prompts` records (HF generate) and score
     them with the project's rewards: {"format": rate, "accuracy": rate, "samples": k}."""

@@ -245,7 +245,7 @@ def accuracy(response: str, gold: str, options: list, w: Weights,
                 if text.strip() and math_equal(ex.strip_option_prefix(text), gold, False)]
         gl = hits[0] if len(hits) == 1 else None
     if gl is not None:
-        allowed = "".join(letter for letter, _ in options) or ex._LETTERS[:8]
+        allowed = "".join(letter for letter, _ in options) or ex.LETTERS[:8]
         pl = ex.pred_letter(pred, options, allowed)
         if pl is None and options:
             # 'The option text in another notation' (0.5 for \frac{1}{2}): exactly one option

@@ -118,7 +118,7 @@ def extract_answer(response: str, require_tag: bool) -> tuple[Optional[str], boo
 
 
 # --------------------------------------------------------------------------- multiple choice
-_LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"  # option labels, in order
 _TEXT_WRAP = re.compile(r"^\\(?:text|textbf|mathrm|mathbf)\{([^{}]*)\}$")
 _LONE_LETTER = re.compile(r"^\(?\s*([A-Za-z])\s*\)?\s*[.:]?$")
 _LEADING_LETTER = re.compile(r"^\(?([A-Z])(?:\)|\.|:|\s*\))\s*\S")
@@ -134,7 +134,7 @@ def option_list(choices: Choices) -> list[tuple[str, str]]:
         return []
     if isinstance(choices, dict):
         return [(str(k).strip().upper(), to_text(v)) for k, v in choices.items()]
-    return [(_LETTERS[i], to_text(c)) for i, c in enumerate(list(choices)[:len(_LETTERS)])]
+    return [(LETTERS[i], to_text(c)) for i, c in enumerate(list(choices)[:len(LETTERS)])]
 
 
 def norm_text(s: str) -> str:
@@ -163,7 +163,7 @@ def gold_letter(answer: str, options: list[tuple[str, str]]) -> Optional[str]:
     for letter, text in options:
         if a and a in (norm_text(text), norm_text(strip_option_prefix(text))):
             return letter
-    if not options and m and answer.strip()[0:1] in "(" + _LETTERS[:8] and m.group(1).isupper():
+    if not options and m and answer.strip()[0:1] in "(" + LETTERS[:8] and m.group(1).isupper():
         # A lone capital letter with no option list (MathVerse keeps options in the question).
         return m.group(1)
     return None

@@ -37,7 +37,7 @@ log = logging.getLogger(__name__)
 _STARTUP_LIMIT_S = 120.0  # a worker that cannot import math-verify in this long means a broken environment
 
 
-def _worker_main(conn_in, conn_out, weights: Weights, memory_mb: int):
+def worker_main(conn_in, conn_out, weights: Weights, memory_mb: int):
     """Verifier process: import and warm up, say ready, then score items until told to stop."""
     # Ctrl-C and the stop signals (Slurm sends them to every process of a step) are the trainer's
     # to handle; a worker ends when its pipe closes or is killed (SIGKILL) on a timeout.
@@ -125,7 +125,7 @@ class RewardPool:
                    OMP_NUM_THREADS="1")
         args = json.dumps({"weights": dataclasses.asdict(self.weights), "memory_mb": self.memory_mb})
         from megammr.runtime import stop_signals_blocked
-        with stop_signals_blocked():  # from its first instruction, not only once _worker_main runs
+        with stop_signals_blocked():  # from its first instruction, not only once worker_main runs
             proc = subprocess.Popen([sys.executable, "-m", "megammr.rewards._worker", args], env=env,
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, close_fds=True)
         # Connection objects own duplicated fds; the Popen file objects are closed right away.

@@ -53,8 +53,8 @@ class EngineUnavailable(RuntimeError):
 
 
 def _vt(v: str) -> tuple[int, ...]:
-    from megammr.models.te import _version_tuple
-    return _version_tuple(v)
+    from megammr.models.te import version_tuple
+    return version_tuple(v)
 
 
 @dataclass(frozen=True)
@@ -232,7 +232,7 @@ class VLLMEngine:
 
     collective = True  # every rank of the vLLM TP group calls generate (the followers via follow_rollouts)
 
-    def __init__(self, llm, sampling_cls, *, stop_ids: Sequence[int], max_images: int = 4, sleep_level: int = 2,
+    def __init__(self, llm, sampling_cls, *, stop_ids: Sequence[int], max_images: int, sleep_level: int,
                  group=None, leader: int = 0, is_leader: bool = True, vision_trainable: bool = True):
         self.llm, self.sampling_cls = llm, sampling_cls
         self.stop_ids = list(stop_ids)

@@ -52,7 +52,7 @@ def main():
     r = load_recipe("recipes/tiny/phase1.yaml", ["rollout.n=2", "train.prompts_per_step=2", "rollout.max_new_tokens=4",
                                                  "algo.dynamic_sampling=true", "algo.max_resample_rounds=2"])
     llm = FakeLLM(["model.embed_tokens.weight"])
-    eng = VLLMEngine(llm, sampling_cls, stop_ids=[77], group=group, leader=0, is_leader=rank == 0)
+    eng = VLLMEngine(llm, sampling_cls, stop_ids=[77], max_images=4, sleep_level=2, group=group, leader=0, is_leader=rank == 0)
     eng.sleep(2)
     eng.begin_weight_update()
     eng.update_weights([("model.embed_tokens.weight", None)])

@@ -57,7 +57,7 @@ def test_large_row_offsets_past_2_31_elements():
     (d,) = torch.autograd.grad(lp.sum() + en.sum(), xg)
     for sl in (slice(0, 8), slice(T - 8, T)):
         xd = x[sl].detach().double().requires_grad_()
-        rl, re = naive_logprobs(xd, y[sl])
+        rl, re = naive_logprobs(xd, y[sl], 1.0)
         (rl.sum() + re.sum()).backward()
         assert rel(lp[sl], rl) < 1e-5 and rel(en[sl], re) < 1e-5 and rel(d[sl], xd.grad) < 1e-2
 
@@ -86,7 +86,8 @@ def _hidden_and_loss(hidden, weight, h, w, y, g, T):
     adv = torch.randn(T, device="cuda", generator=g)
     mask = torch.rand(T, device="cuda", generator=g) > 0.2
     cfg = dict(clip_low=0.2, clip_high=0.28, kl_coef=0.1, kl_estimator="k3", tis_cap=None)
-    loss, _ = grpo_loss(lp, old, adv, mask, ref_logp=ref, entropy=en, entropy_coef=0.01, **cfg)
+    loss, _ = grpo_loss(lp, old, adv, mask, ref_logp=ref, entropy=en, entropy_coef=0.01, loss_agg="token_mean",
+                        **cfg)
     loss.backward()
     hd, wd = hidden.double().requires_grad_(), weight.double().requires_grad_()
     rl, re = naive_logprobs(hd @ wd.t(), y, 0.9)

@@ -85,7 +85,7 @@ def test_smart_resize_matches_and_bounds():
         h, w = (int(x) for x in rng.integers(1, 5000, 2))
         if max(h, w) / min(h, w) > 200:
             with pytest.raises(ValueError, match="aspect ratio"):
-                smart_resize(h, w)
+                smart_resize(h, w, 28, 3136, 1003520)
             continue
         lo, hi = 3136, int(rng.integers(3136, 2_000_000))
         got = smart_resize(h, w, 28, lo, hi)

@@ -97,7 +97,7 @@ def test_masked_vocabulary_entries_minus_inf(backend):
     (lp.sum() + en.sum()).backward()
     xs = x[:, keep.to(DEV)].double().requires_grad_()
     ysmall = torch.searchsorted(keep.to(DEV), y)
-    rl, re = naive_logprobs(xs, ysmall)
+    rl, re = naive_logprobs(xs, ysmall, 1.0)
     (rl.sum() + re.sum()).backward()
     assert rel(lp, rl) < 1e-5 and rel(en, re) < 1e-5
     assert (xg.grad[:, dead.to(DEV)] == 0).all()
@@ -115,7 +115,7 @@ def test_bad_label_is_a_clear_error():
     x, y = draw((5,), 50, torch.float32, seed=6)
     y[3] = 50
     with pytest.raises(ValueError, match="label 50 is outside the vocabulary"):
-        logprobs_from_logits(x, y, backend="torch")
+        logprobs_from_logits(x, y, 1.0, backend="torch")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

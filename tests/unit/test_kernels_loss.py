@@ -110,9 +110,12 @@ def test_weights_sum_to_one_and_clear_errors():
         assert abs(w.sum().item() - 1.0) < 1e-5
     with pytest.raises(ValueError, match="seq_ids"):
         aggregation_weights(d["mask"].reshape(-1), "seq_mean")
+    base = dict(CASES[0], loss_agg="token_mean", backend="torch")
     with pytest.raises(ValueError, match="ref_logp"):
-        grpo_loss(d["logp"], d["old"], d["adv"], d["mask"], kl_coef=0.1, backend="torch")
+        grpo_loss(d["logp"], d["old"], d["adv"], d["mask"], **dict(base, kl_coef=0.1))
     with pytest.raises(ValueError, match="rollout_logp"):
-        grpo_loss(d["logp"], d["old"], d["adv"], d["mask"], tis_cap=2.0, backend="torch")
+        grpo_loss(d["logp"], d["old"], d["adv"], d["mask"], **dict(base, tis_cap=2.0))
     with pytest.raises(ValueError, match="kl_estimator"):
-        grpo_loss(d["logp"], d["old"], d["adv"], d["mask"], kl_estimator="k4", backend="torch")
+        grpo_loss(d["logp"], d["old"], d["adv"], d["mask"], **dict(base, kl_estimator="k4"))
+    with pytest.raises(TypeError, match="clip_low"):  # the algorithm's settings have no defaults
+        grpo_loss(d["logp"], d["old"], d["adv"], d["mask"], backend="torch")

@@ -56,7 +56,7 @@ def test_resumed_eta_counts_only_this_runs_steps(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(metrics.time, "perf_counter", clock)
     out = io.StringIO()
-    p = Progress(total=10, done_before=6, mode="lines", file=out)  # steps 1-6 ran before the restart
+    p = Progress(total=10, done_before=6, interval=1, mode="lines", file=out)  # steps 1-6 ran before the restart
     clock.now = 5.0
     p.update(row(7))
     assert out.getvalue().splitlines() == [out.getvalue().splitlines()[0]]
@@ -65,13 +65,13 @@ def test_resumed_eta_counts_only_this_runs_steps(monkeypatch):
 
 def test_notes_of_skipped_steps_and_dropped_groups():
     out = io.StringIO()
-    Progress(total=3, mode="lines", file=out).update(row(1, step_skipped=True, **{"groups/dropped": 2}))
+    Progress(total=3, interval=1, mode="lines", file=out).update(row(1, step_skipped=True, **{"groups/dropped": 2}))
     assert "SKIPPED (non-finite)" in out.getvalue() and "2 uniform-reward groups dropped" in out.getvalue()
 
 
 def test_progress_bar_on_a_terminal():
     out = TTY()
-    p = Progress(total=4, done_before=1, mode="auto", desc="phase2", file=out)
+    p = Progress(total=4, done_before=1, interval=1, mode="auto", desc="phase2", file=out)
     assert p.bar is not None
     for step in (2, 3, 4):
         p.update(row(step, reward=0.5))
@@ -82,8 +82,8 @@ def test_progress_bar_on_a_terminal():
     assert "3/4 [" in text and "<" in text  # elapsed<remaining: the ETA
     assert p.bar is None  # closed at the last step
     forced = io.StringIO()
-    assert Progress(total=2, mode="bar", file=forced).bar is not None  # train.progress=bar, even into a file
-    assert Progress(total=2, mode="lines", file=TTY()).bar is None
+    assert Progress(total=2, interval=1, mode="bar", file=forced).bar is not None  # train.progress=bar, even into a file
+    assert Progress(total=2, interval=1, mode="lines", file=TTY()).bar is None
 
 
 def _rows(rewards, elapsed=None):
@@ -118,7 +118,7 @@ def test_summary_table_and_file(tmp_path):
 
 
 def test_metrics_log_drives_the_progress_and_keeps_jsonl(tmp_path, capsys):
-    log = MetricsLog(str(tmp_path), True, total_steps=2, progress="lines", desc="phase1")
+    log = MetricsLog(str(tmp_path), True, total_steps=2, log_interval=1, progress="lines", desc="phase1")
     log.log(row(1))
     log.log(row(2, reward=float("nan")))
     log.close()
@@ -143,7 +143,7 @@ def test_wandb_without_the_package_is_a_clear_recipe_error(tmp_path, monkeypatch
         check_recipe(_recipe(tmp_path, "train.wandb_project=megammr-test"), world_size=1, cuda=False)
     check_recipe(_recipe(tmp_path), world_size=1, cuda=False)  # off by default: nothing imported, no error
     with pytest.raises(RecipeError, match="not installed"):
-        MetricsLog(str(tmp_path / "run"), True, 2, wandb={"project": "p", "name": "n", "config": {}})
+        MetricsLog(str(tmp_path / "run"), True, 2, 1, progress="lines", wandb={"project": "p", "name": "n", "config": {}})
 
 
 def test_wandb_offline_run(tmp_path, monkeypatch):
@@ -156,7 +156,7 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     r = load_recipe(None, [f"train.output_dir={out}", "train.wandb_project=megammr-test"])
     args = metrics.wandb_args(r)
     assert args["name"] == "tiny/phase1" and args["group"] == "tiny" and args["config"]["train"]["steps"] == 100
-    log = MetricsLog(str(out), True, 2, progress="lines", wandb=args)
+    log = MetricsLog(str(out), True, 2, 1, progress="lines", wandb=args)
     log.log(row(1))
     log.log(row(2))
     log.close()

@@ -19,15 +19,15 @@ def _config(**fp8):
 
 @pytest.mark.parametrize("recipe", ["tensorwise", "blockwise", "mxfp8"])
 def test_current_scaling_recipes_keep_first_and_last_layers_bf16(recipe):
-    kw = te.fp8_config_fields("fp8", recipe, num_layers=36)
+    kw = te.fp8_config_fields("fp8", recipe, num_layers=36, pp=1)
     assert kw == dict(fp8="e4m3", fp8_recipe=recipe, fp8_param=False, first_last_layers_bf16=True,
                       num_layers_at_start_in_bf16=1, num_layers_at_end_in_bf16=1)
-    cfg = _config(**te.fp8_config_fields("fp8", recipe, num_layers=4))
+    cfg = _config(**te.fp8_config_fields("fp8", recipe, num_layers=4, pp=1))
     assert cfg.fp8 == "e4m3" and cfg.first_last_layers_bf16
 
 
 def test_delayed_scaling_uses_an_amax_history_and_no_bf16_layers():
-    kw = te.fp8_config_fields("fp8", "delayed", num_layers=36)
+    kw = te.fp8_config_fields("fp8", "delayed", num_layers=36, pp=1)
     assert kw == dict(fp8="hybrid", fp8_recipe="delayed", fp8_param=False, fp8_amax_history_len=1024,
                       fp8_amax_compute_algo="max")
     _config(**kw)
@@ -36,10 +36,10 @@ def test_delayed_scaling_uses_an_amax_history_and_no_bf16_layers():
 
 
 def test_fields_per_pipeline_stage_and_precision():
-    assert te.fp8_config_fields("bf16", "tensorwise", 36) == {}
+    assert te.fp8_config_fields("bf16", "tensorwise", 36, 1) == {}
     assert "first_last_layers_bf16" not in te.fp8_config_fields("fp8", "tensorwise", num_layers=4, pp=2)
     with pytest.raises(ValueError, match="fp8_recipe"):
-        te.fp8_config_fields("fp8", "custom", 4)
+        te.fp8_config_fields("fp8", "custom", 4, 1)
 
 
 def test_transformer_config_of_a_recipe_carries_fp8_to_the_decoder_only():

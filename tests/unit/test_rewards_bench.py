@@ -48,6 +48,16 @@ def test_group_1_is_all_distinct(monkeypatch):
     assert len(owner) > len(items)  # the verifier did parse (gold and prediction of most items)
 
 
+def test_group_1_responses_are_distinct_at_the_benchmarks_size():
+    """The benchmark's 4096 items and its warm-up batch: every response distinct (malformed ones too)."""
+    from megammr.bench.rewards import groups_in
+    n = 4096
+    items = make_mix(n, 1) + make_mix(64, 1, seed=1, first=groups_in(n, 1))
+    assert len({x.response for x in items}) == len(items)
+    golds = [x.answer for x in items if x.answer not in "ABCD"]
+    assert len(set(golds)) == len(golds)
+
+
 def test_groups_share_only_their_own_gold(monkeypatch):
     """Groups of 16: the 16 responses of a group share its gold and repeat answers; two groups share
     nothing a parser sees."""

@@ -245,7 +245,7 @@ def test_stale_image_embeddings_are_refused_without_an_encoder_reset():
     class OldLLM(FakeLLM):
         reset_encoder_cache = None  # an old vLLM: no reset_encoder_cache anywhere
 
-    eng = ve.VLLMEngine(OldLLM(HF), sampling_cls, stop_ids=[77])
+    eng = ve.VLLMEngine(OldLLM(HF), sampling_cls, stop_ids=[77], max_images=4, sleep_level=2)
     eng.sleep(2)
     _sync(eng)
     eng.generate([RolloutPrompt("text is fine")], 1, SP)
