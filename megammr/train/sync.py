@@ -40,13 +40,24 @@ def _owner_stage(key: str, layer: Optional[int], num_layers: int, pp: int) -> in
     return pp - 1  # final norm, untied output layer
 
 
-def _tensor_order(bb) -> list[tuple[str, Optional[int], str]]:
-    """(local-name suffix, global layer or None, mapping key) for every tensor, in sync order."""
+def tensor_order(bb, layer_suffixes=None) -> list[tuple[str, Optional[int], str]]:
+    """(local-name suffix, global layer or None, mapping key) for every tensor, in sync order.
+
+    `layer_suffixes`: the names inside one decoder layer of the model at hand. The local spec keeps
+    the norms as separate modules (input_layernorm.weight); TE's fused LayerNormLinear holds them
+    under the mapping's own names (self_attention.linear_qkv.layer_norm_weight), so the local name
+    is whichever of the two the model has (local spec when not given)."""
     out = [(key, None, key) for key in global_nonlayer_keys(bb)]
     inverse = {v: k for k, v in LOCAL_ALIASES.items()}
     for layer in range(bb.num_layers):
         for key in LAYER_KEYS:
-            out.append((inverse.get(key, key), layer, key))
+            local = inverse.get(key, key)
+            if layer_suffixes is not None and local not in layer_suffixes:
+                if key not in layer_suffixes:
+                    raise KeyError(f"weight sync: a decoder layer has neither {local} nor {key} "
+                                   f"(its tensors: {sorted(layer_suffixes)})")
+                local = key
+            out.append((local, layer, key))
     return out
 
 
@@ -80,7 +91,9 @@ class WeightSync:
         self.pp_ranks = dist.get_process_group_ranks(self.pp_group) if self.pp > 1 else [dist.get_rank()]
         layers = model.language_model.decoder.layers
         self.offset = (layers[0].layer_number - 1) if len(layers) else 0
-        self.order = _tensor_order(self.bb)
+        first = f"{DEC}0."
+        suffixes = {k[len(first):] for k in model.state_dict(keep_vars=True) if k.startswith(first)} or None
+        self.order = tensor_order(self.bb, suffixes)
         self.timings: dict[str, float] = {}
         self._clock = {"gather": 0.0, "convert": 0.0, "transfer": 0.0, "load": 0.0}
 

@@ -84,3 +84,25 @@ def test_in_memory_names_and_errors(tiny_dir):
             eng.update_weights([("lm_head.weight", torch.zeros_like(eng.model.lm_head.weight))])
     with pytest.raises(ValueError, match="shape"):
         eng.update_weights([("model.norm.weight", torch.zeros(1))])
+
+
+def test_sync_reads_the_norms_under_either_layer_spec(tiny_dir):
+    """The local spec keeps a layer's norms as modules of their own (input_layernorm.weight); TE's
+    fused LayerNormLinear holds them as self_attention.linear_qkv.layer_norm_weight. The sync reads
+    whichever the model has (a TE-spec model used to fail with KeyError on the local names)."""
+    from megammr.models.mapping import LAYER_KEYS
+    from megammr.train.sync import tensor_order
+    bb = HFReader(tiny_dir).backbone
+    te = set(LAYER_KEYS) | {"self_attention.linear_qkv._extra_state", "mlp.linear_fc1._extra_state"}
+    local = (set(LAYER_KEYS) - {"self_attention.linear_qkv.layer_norm_weight", "mlp.linear_fc1.layer_norm_weight"}) \
+        | {"input_layernorm.weight", "pre_mlp_layernorm.weight"}
+    for names, norm in ((te, "self_attention.linear_qkv.layer_norm_weight"), (local, "input_layernorm.weight"),
+                        (None, "input_layernorm.weight")):
+        order = tensor_order(bb, names)
+        per_layer = [s for s, layer, _ in order if layer == 0]
+        assert norm in per_layer and len(per_layer) == len(LAYER_KEYS)
+        if names is not None:
+            assert set(per_layer) <= names  # every name the sync reads exists in the model
+        assert [k for _, layer, k in order if layer == 0] == list(LAYER_KEYS)  # same HF tensors either way
+    with pytest.raises(KeyError, match="neither input_layernorm.weight nor"):
+        tensor_order(bb, local - {"input_layernorm.weight"})
