@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megammr.models.mapping import CheckpointError
+
 FORMAT = 1
 # Recipe fields that may differ on resume without changing the result.
 RESUME_FREE = {"train.output_dir", "train.checkpoint_interval", "train.keep_checkpoints",
@@ -187,7 +189,16 @@ def load(parts, path: str, loader) -> dict:
     with open(os.path.join(path, "megammr.json")) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
-        raise RuntimeError(f"{path}: checkpoint format {meta.get('format')!r}, this build reads {FORMAT}")
+        raise CheckpointError(f"{path}: checkpoint format {meta.get('format')!r}, this build reads {FORMAT}")
+    saved_dp = len([n for n in os.listdir(path) if n.startswith("data_dp") and n.endswith(".pt")])
+    dp = ps.get_data_parallel_world_size()
+    if loader is not None and saved_dp and saved_dp != dp:
+        # Each data-parallel rank's loader resumes from its own saved position: another DP size would
+        # repeat or skip prompts, so it is refused rather than resumed silently wrong.
+        raise CheckpointError(
+            f"{path}: saved with data-parallel size {saved_dp}, this launch has {dp}; the data loaders' "
+            f"positions cannot be split differently. Resume with {saved_dp} data-parallel ranks (world size = "
+            f"{saved_dp} x tp x pp; tp and pp may change), or start the phase in a new train.output_dir")
     model_sd = parts.module.sharded_state_dict()
     opt_sd = parts.optimizer.sharded_state_dict(model_sd, is_loading=True)
     state = dist_checkpointing.load({"model": model_sd, "optimizer": opt_sd}, path)
@@ -196,7 +207,7 @@ def load(parts, path: str, loader) -> dict:
     result = parts.module.load_state_dict(state["model"], strict=False)
     missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if missing:
-        raise RuntimeError(f"{path}: the checkpoint lacks {len(missing)} model tensors of this build, "
+        raise CheckpointError(f"{path}: the checkpoint lacks {len(missing)} model tensors of this build, "
                            f"e.g. {missing[:3]}")
     parts.optimizer.load_state_dict(state["optimizer"])
     parts.scheduler.load_state_dict(meta["scheduler"])

@@ -12,6 +12,7 @@ The updates carry an entropy bonus so that weights move even though a random tin
 import json
 import os
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -149,8 +150,19 @@ def test_kill_9_twice_then_resume_is_bitwise_equal(tiny):
         if os.path.exists(os.path.join(ckpts, "latest")):
             name = open(os.path.join(ckpts, "latest")).read().strip()
             assert os.path.isfile(os.path.join(ckpts, name, "megammr.json"))
-    run(base + [f"train.output_dir={out}"])
+    assert os.path.exists(os.path.join(ckpts, "latest"))  # the second kill came after at least one save
+    p = run(base + [f"train.output_dir={out}"])
+    assert "resumed from" in p.stdout
     assert_bitwise_equal(ref, weights(str(out)))
+
+
+def test_only_the_newest_checkpoints_are_kept(tiny):
+    """A checkpoint every step, train.keep_checkpoints=2 (the default): the uninterrupted run ends with
+    its last two, `latest` naming the newest, and no half-written .tmp directory."""
+    root, _, _ = tiny
+    ckpts = root / "straight" / "checkpoints"
+    assert sorted(os.listdir(ckpts)) == ["latest", f"step_{STEPS - 1:06d}", f"step_{STEPS:06d}"]
+    assert (ckpts / "latest").read_text().strip() == f"step_{STEPS:06d}"
 
 
 def test_recipe_change_is_refused_naming_the_field(tiny):
@@ -171,3 +183,19 @@ def test_tp2pp2_checkpoint_resumes_at_tp1(tiny):
     assert steps_logged(str(out)) == 3
     with open(os.path.join(out, "checkpoints", "step_000003", "megammr.json")) as f:
         assert json.load(f)["layout"]["tp"] == 1
+
+
+def test_another_data_parallel_size_is_refused_with_the_fix(tiny):
+    """A DP=1 checkpoint resumed by two DP ranks: each rank's loader position cannot be split, so the
+    run stops at once with a one-line error naming both sizes (each rank exits 2, no traceback)."""
+    import shutil
+    root, base, _ = tiny
+    out = root / "dp-change"
+    shutil.copytree(root / "straight", out)
+    # Each rank exits 2; torchrun reports any failed worker as 1 (srun passes the ranks' code on).
+    p = run(base + [f"train.output_dir={out}", f"train.steps={STEPS + 1}", "train.allow_recipe_change=true"],
+            nproc=2, expect=1)
+    assert "saved with data-parallel size 1, this launch has 2" in p.stderr, p.stderr[-3000:]
+    assert "megammr/" not in "".join(ln for ln in p.stderr.splitlines(True) if ln.lstrip().startswith("File "))
+    assert re.search(r"exitcode\s*:\s*2 ", p.stderr)  # torchrun's report of each rank's own exit code
+    assert steps_logged(str(out)) == STEPS

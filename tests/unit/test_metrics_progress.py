@@ -128,6 +128,35 @@ def test_metrics_log_drives_the_progress_and_keeps_jsonl(tmp_path, capsys):
     assert [r["step"] for r in rows] == [1, 2] and rows[1]["reward/mean"] is None
 
 
+
+def _tb_scalars(log_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(log_dir), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_tensorboard_events_hold_every_numeric_metric_and_a_resume_replaces_later_steps(tmp_path, capsys):
+    """The events that TensorBoard itself reads back: one scalar per numeric metric and step (none for
+    a non-finite value, which the JSONL holds as null); a run resumed after step 2 purges steps > 2,
+    so the steps it computes again are not shown twice."""
+    pytest.importorskip("tensorboard", reason="tensorboard is optional (pip install -e '.[dev]' has it)")
+    log = MetricsLog(str(tmp_path), True, 3, 1, progress="lines")
+    for s in (1, 2, 3):
+        log.log(row(s, reward=0.1 * s if s != 3 else float("nan")))
+    log.close()
+    got = _tb_scalars(tmp_path / "tensorboard")
+    assert got["reward/mean"] == [(1, pytest.approx(0.1)), (2, pytest.approx(0.2))]
+    assert [s for s, _ in got["loss"]] == [1, 2, 3]
+    log = MetricsLog(str(tmp_path), True, 3, 1, progress="lines", resume_after=2)
+    log.log(row(3, reward=0.9))
+    log.close()
+    got = _tb_scalars(tmp_path / "tensorboard")
+    assert got["reward/mean"][-1] == (3, pytest.approx(0.9)) and [s for s, _ in got["loss"]] == [1, 2, 3]
+    rows = [json.loads(ln) for ln in open(tmp_path / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2, 3] and rows[2]["reward/mean"] == pytest.approx(0.9)
+
+
 def _recipe(tmp_path, *extra):
     (tmp_path / "config.json").write_text("{}")
     return load_recipe(None, [f"model.hf_path={tmp_path}", *extra])
