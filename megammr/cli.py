@@ -17,7 +17,7 @@ COMMANDS = {
     "plot": ("megammr.plot", "draw reward, accuracy, format, length and KL curves of a run to PNG"),
     "score": ("megammr.rewards.score_cli", "score responses in a JSONL file with the rule-based rewards"),
     "eval": ("megammr.eval.cli", "evaluate a model on MathVista / MathVerse / MathVision / OlympiadBench"),
-    "bench": ("megammr.bench", "run a benchmark (kernels, data, rewards, step)"),
+    "bench": ("megammr.bench", "run a benchmark (kernels, data, rewards, step, curriculum, gpu-step)"),
 }
 
 

@@ -7,8 +7,8 @@ and grad norm must match TP=1 within 1e-5 relative.
 
 The recorded rollouts of a random tiny model all score 0, which would make every advantage 0: the
 test writes seeded random rewards into the replay files (the rewards are replay input, like the
-token ids) and cuts some responses short, so that response lengths differ between the groups that
-each DP rank owns and the step-wide token normaliser matters. KL (k3), an entropy bonus, two
+token ids) and cuts the responses of every second group short, so that at DP=2 the two ranks hold
+different token counts in every update and the global token normaliser matters. KL (k3), an entropy bonus, two
 updates per step (off-policy ratios, so the clip bounds act) and truncated importance sampling
 are on, so every term of the loss is exercised; vision-tower gradients are part of the grad norm.
 """
@@ -73,7 +73,11 @@ def recorded(tmp_path_factory):
         assert saved["groups"] and all(g["pixel_values"] is not None for g in saved["groups"])
         for gi, g in enumerate(saved["groups"]):
             g["rewards"] = [rng.choice([0.0, 0.5, 1.0, 1.5]) + 0.01 * k for k in range(len(g["rewards"]))]
-            if gi >= 2:  # the second DP rank's groups get shorter responses
+            # Replay splits the step's 4 groups into 2 updates of 2 and each update over the DP ranks
+            # (experience.load_replay): group 2u + r goes to rank r in update u. Odd groups get short
+            # responses, so at DP=2 the second rank has fewer tokens than the first in every update
+            # and the global (all-reduced) token normaliser differs from either rank's own count.
+            if gi % 2 == 1:
                 keep = [rng.randint(3, 10) for _ in g["token_ids"]]
                 g["token_ids"] = [t[:n] for t, n in zip(g["token_ids"], keep)]
                 g["logprobs"] = [lp[:n] for lp, n in zip(g["logprobs"], keep)]
