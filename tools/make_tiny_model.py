@@ -3,7 +3,7 @@
 
     python tools/make_tiny_model.py --out /tmp/tiny [--seed 0] [--untied]
     python tools/make_tiny_model.py --out /tmp/tiny-warm --format-warmup outputs/data/raw/phase1.jsonl \
-        [--warmup-steps 30] [--warmup-lr 3e-3] [--warmup-seed 0]
+        [--warmup-steps N] [--warmup-lr LR] [--warmup-seed 0]   # defaults: config.TOOLS
 
 With --format-warmup the random model is first written to a temporary directory, then given a short
 supervised format warm-up on the phase-1 JSONL (megammr.models.warmup): sampled at temperature 1.0
