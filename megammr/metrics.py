@@ -233,6 +233,7 @@ def step_metrics(parts, step: int, stats, updates, t: dict, skipped_total: int) 
         "lr": parts.optimizer.param_groups[0]["lr"],
         "kl": mean_over_tokens("kl"), "entropy": mean_over_tokens("entropy"),
         "policy/clip_frac": mean_over_tokens("clip"), "logp_diff/rollout_vs_train": mean_over_tokens("logp_diff"),
+        "batch/pad_frac": 1.0 - sum(u["real_positions"] for u in per_update) / max(sum(u["positions"] for u in per_update), 1.0),
         "groups/dropped": int(e["groups_dropped"]), "groups/prompt_mismatch": int(e["prompt_mismatch"]),
         "reward/failures": int(e["reward_failures"]), "samples": int(e["samples"]),
         "samples/empty_skipped": int(e["empty_responses"]),

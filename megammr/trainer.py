@@ -22,8 +22,9 @@ from megammr.config import Recipe, RecipeError, to_dict
 from megammr.metrics import MetricsLog, step_metrics, wandb_args
 from megammr.plot import print_summary, read_rows
 from megammr.train import checkpoint, setup
-from megammr.train.batching import Sample, filler_micro_batch, make_micro_batches
-from megammr.train.step import forward_logprobs, train_on
+from megammr.train.batching import Sample, filler_micro_batch, make_micro_batches, make_packed_micro_batches
+from megammr.train.offload import offloaded
+from megammr.train.step import forward_logprobs, token_multiple, train_on
 from megammr.train.sync import export_hf
 
 
@@ -45,11 +46,14 @@ def micro_batches(parts: setup.Parts, chunks) -> list[list]:
     """Each mini-batch of whole groups (one per optimizer update) as a list of micro-batches."""
     r = parts.recipe
     pp = r.parallel.pp > 1
+    budget = dict(micro_batch_size=r.train.micro_batch_size, max_tokens=r.train.max_tokens_per_micro_batch,
+                  fixed_shape=pp)
+    if r.train.pack_sequences:
+        budget["multiple"] = token_multiple(parts.model)
+    make = make_packed_micro_batches if r.train.pack_sequences else make_micro_batches
     out = []
     for chunk in chunks:
-        mbs = make_micro_batches(to_samples(chunk, r.algo.advantage), parts.backbone, pad_id=parts.pad_id,
-                                 micro_batch_size=r.train.micro_batch_size,
-                                 max_tokens=r.train.max_tokens_per_micro_batch, fixed_shape=pp)
+        mbs = make(to_samples(chunk, r.algo.advantage), parts.backbone, pad_id=parts.pad_id, **budget)
         out.append(mbs or [filler_micro_batch(parts.backbone, pad_id=parts.pad_id)])
     return out
 
@@ -96,7 +100,8 @@ def train(recipe: Recipe, shutdown: bool = True, summary: bool = True) -> dict:
         with checkpoint.StopRequest() as stop:
             for step in range(start, r.train.steps + 1):
                 t = {"start": time.perf_counter()}
-                chunks, stats = parts.experience.collect(step)
+                with offloaded(parts.model, parts.optimizer, r.train.offload_during_rollout) as freed:
+                    chunks, stats = parts.experience.collect(step)
                 t["rollout"] = time.perf_counter()
 
                 minis = micro_batches(parts, chunks)
@@ -119,6 +124,7 @@ def train(recipe: Recipe, shutdown: bool = True, summary: bool = True) -> dict:
                 counters["wall_s"] = wall_before + time.perf_counter() - t_begin
                 last = step_metrics(parts, step, stats, updates, t, counters["skipped_total"])
                 last["time/elapsed"] = counters["wall_s"]
+                last["memory/offloaded_mb"] = freed["offloaded_mb"]
                 log.log(last)
                 if counters["bad_in_row"] >= r.train.max_bad_steps:
                     raise TrainingError(f"{counters['bad_in_row']} steps in a row had a non-finite loss or grad norm "

@@ -6,8 +6,10 @@
 #   1. env      nvidia-smi, python / torch / triton / megatron-core versions, which optional packages import
 #   2. kernels  tests/gpu/test_kernels_gpu.py: compiled Triton kernels against float64
 #   3. model    tests/gpu/test_train_gpu.py: the tiny model on the GPU vs transformers (fp32, bf16),
-#               backward vs float64, three `megammr train` GRPO steps on the GPU
-#   4. te       tests/gpu/test_models_gpu.py + test_fp8_gpu.py (TransformerEngine, FP8)  - needs transformer-engine
+#               backward vs float64, packed (THD) vs padded log-probs, three `megammr train` GRPO
+#               steps on the GPU (plain; with train.offload_during_rollout + train.pack_sequences)
+#   4. te       tests/gpu/test_models_gpu.py + test_fp8_gpu.py (TransformerEngine, FP8, TE packed vs
+#               padded)                                                             - needs transformer-engine
 #   5. vllm     tests/gpu/test_vllm_gpu.py (the colocated vLLM engine)                    - needs vllm
 #   6. bench-kernels   `megammr bench kernels --skip-cpu` (Liger-Kernel side by side when importable)
 #                      -> $OUT/bench_kernels.json
@@ -15,8 +17,8 @@
 #                      -> $OUT/bench_gpu_step.json
 # A step whose package is missing is reported "skipped" with the reason, never "passed"; a pytest
 # step counts passed/failed/skipped tests from its junit report. Exit code: 0 when no step failed.
-# Time limits: 120 + 150 + 150 + 180 + 90 + 180 s (te and vllm only when installed): without TE and
-# vLLM at most 9 minutes, expected well under that (compiles and model builds dominate). Nothing
+# Time limits: 120 + 180 + 150 + 180 + 90 + 180 s (te and vllm only when installed): without TE and
+# vLLM at most 9.5 minutes, expected well under that (compiles and model builds dominate). Nothing
 # here has run on a GPU yet (README "GPU path"): the limits are estimates, not measurements.
 #
 # The device machine of this workplace (and most clusters' login-free GPU nodes) has python3 with
@@ -178,7 +180,7 @@ PYTEST=($PY -m pytest -q -p no:cacheprovider -o addopts="" -rs)
 # 2.-5. tests/gpu ------------------------------------------------------------------------------
 run_step kernels 120 "$WORK/kernels.xml" -- "${PYTEST[@]}" tests/gpu/test_kernels_gpu.py --junitxml="$WORK/kernels.xml"
 if importable megatron.core && importable megatron.energon; then
-  run_step model 150 "$WORK/model.xml" -- "${PYTEST[@]}" tests/gpu/test_train_gpu.py --junitxml="$WORK/model.xml"
+  run_step model 180 "$WORK/model.xml" -- "${PYTEST[@]}" tests/gpu/test_train_gpu.py --junitxml="$WORK/model.xml"
 else
   skip_step model "megatron-core / megatron-energon not importable (carry the wheels: tools/gpu_check.sh --download-wheels)"
 fi

@@ -6,9 +6,16 @@ the tiny model's forward and most of its backward. `SDPADotProductAttention` com
 causal softmax(Q K^T * softmax_scale) V in one fused kernel (what transformers' Qwen2.5-VL uses
 too), in the plain case megammr runs; anything else goes to megatron's own forward, unchanged.
 tests/unit/test_attention.py checks it against a float64 computation and megatron's class.
+
+Packed (THD) sequences (megatron's PackedSeqParams, qkv_format "thd": [t, heads, head_dim], batch
+squeezed by megatron) are megatron's local attention's gap (it asserts they are absent): here each
+sequence, between the padded boundaries `cu_seqlens_q_padded`, attends causally to itself only.
+A sequence's own tail padding comes after its real tokens, so it changes none of them. This keeps
+`train.pack_sequences` exact on CPU and with the local spec; with TE, TEDotProductAttention does it.
 """
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
@@ -29,6 +36,8 @@ class SDPADotProductAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
+            return self._packed(query, key, value, attention_mask, mask_type, attention_bias, packed_seq_params)
         plain = (self._fusable and attention_mask is None and mask_type == AttnMaskType.causal
                  and attention_bias is None and packed_seq_params is None and query.shape[0] == key.shape[0]
                  and (self.attention_dropout.p == 0 or not self.training))
@@ -44,3 +53,25 @@ class SDPADotProductAttention(DotProductAttention):
             v = v.repeat_interleave(groups, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, scale=self.softmax_scale)
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hd)
+
+    def _packed(self, query, key, value, attention_mask, mask_type, attention_bias, params):
+        if not (self._fusable and attention_mask is None and mask_type == AttnMaskType.causal
+                and attention_bias is None and (self.attention_dropout.p == 0 or not self.training)):
+            raise ValueError("packed (THD) sequences with the local layer spec support plain causal attention only "
+                             "(no mask, bias, dropout, sliding window or query-key layer scaling); use "
+                             "model.layer_spec=te or train.pack_sequences=false")
+        cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
+        bounds = [int(x) for x in cu.tolist()]
+        t, heads, hd = query.shape
+        if bounds[0] != 0 or bounds[-1] != t:
+            raise ValueError(f"packed sequence boundaries {bounds[0]}..{bounds[-1]} do not cover the {t} tokens")
+        groups = heads // key.shape[1]
+        outs = []
+        for a, b in zip(bounds[:-1], bounds[1:]):  # [t, n, d] -> [1, n, s_i, d] per sequence
+            q, k, v = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
+            if groups > 1:
+                k = k.repeat_interleave(groups, dim=1)
+                v = v.repeat_interleave(groups, dim=1)
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=b - a > 1, scale=self.softmax_scale)
+            outs.append(o.squeeze(0).transpose(0, 1))
+        return torch.cat(outs).reshape(t, heads * hd)

@@ -13,6 +13,17 @@ Micro-batches group sequences by length (longest first) under a token budget cou
 padding (rows x longest row). Under pipeline parallelism megatron's p2p communication needs one
 shape for every micro-batch: then all are [micro_batch_size, longest sequence of the step], the
 last one filled with masked rows.
+
+Packed (THD) micro-batches (`train.pack_sequences`) hold their sequences back to back in one row
+[1, T] instead: no row is padded to the longest. Each sequence is padded at its own end to
+`multiple` tokens (FP8 GEMMs need token counts divisible by 16); `cu_seqlens` / `cu_seqlens_padded`
+give the real and padded sequence boundaries that megatron's PackedSeqParams carries to the
+attention (every sequence attends only to itself, causally) and to the rotary embedding (the
+M-RoPE positions of each sequence are its own, starting at 0). Under pipeline parallelism every
+pack is padded to the fullest pack of the step (the tail padding belongs to the last sequence);
+the packs are then filled first-fit up to a padded micro-batch's token count (`plan_packs`).
+Labels, loss mask, engine log-probs and advantages (per token here) line up as in the padded rows,
+so the loss sums are the same; `seq_ids` says which sequence each token belongs to (seq_mean).
 """
 from __future__ import annotations
 
@@ -48,12 +59,30 @@ class MicroBatch:
     loss_mask: torch.Tensor          # [b, s] float32
     advantages: torch.Tensor         # [b] float32
     rollout_logp: torch.Tensor       # [b, s] engine log-probs aligned with labels (0 outside the mask)
-    rows: list[int]                  # sample index of each row, -1 for a filler row
+    rows: list[int]                  # sample index of each row (of each sequence when packed), -1 for a filler row
+    real_positions: int = 0          # input positions that hold a sample's token (the rest is padding)
     pixel_values: Optional[torch.Tensor] = None
     image_grid_thw: Optional[torch.Tensor] = None
     old_logp: Optional[torch.Tensor] = None   # filled by a forward-only pass when needed (last stage)
     ref_logp: Optional[torch.Tensor] = None
+    # packed (THD) micro-batches only (b = 1; advantages are then per token, [1, T]):
+    cu_seqlens: Optional[torch.Tensor] = None         # [n + 1] int32, real sequence boundaries
+    cu_seqlens_padded: Optional[torch.Tensor] = None  # [n + 1] int32, boundaries with each sequence's padding
+    max_seqlen: int = 0                               # longest padded sequence
+    seq_ids: Optional[torch.Tensor] = None            # [1, T] sequence index of every token
     extra: dict = field(default_factory=dict)
+
+    @property
+    def packed(self) -> bool:
+        return self.cu_seqlens is not None
+
+    def sequences_with_loss(self) -> torch.Tensor:
+        """How many sequences have at least one loss token (the seq_mean divisor's share)."""
+        if self.seq_ids is None:
+            return (self.loss_mask.sum(1) > 0).sum()
+        per_seq = torch.zeros(len(self.cu_seqlens) - 1, dtype=self.loss_mask.dtype, device=self.loss_mask.device)
+        per_seq.scatter_add_(0, self.seq_ids.reshape(-1), self.loss_mask.reshape(-1))
+        return (per_seq > 0).sum()
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -61,7 +90,8 @@ class MicroBatch:
 
     def to(self, device) -> "MicroBatch":
         for name in ("input_ids", "position_ids", "labels", "loss_mask", "advantages", "rollout_logp",
-                     "pixel_values", "image_grid_thw", "old_logp", "ref_logp"):
+                     "pixel_values", "image_grid_thw", "old_logp", "ref_logp", "cu_seqlens", "cu_seqlens_padded",
+                     "seq_ids"):
             t = getattr(self, name)
             if t is not None:
                 setattr(self, name, t.to(device, non_blocking=True))
@@ -95,12 +125,7 @@ def make_micro_batches(samples: list[Sample], backbone, *, pad_id: int, micro_ba
     """Right-padded micro-batches of `samples`; every sample lands in exactly one row."""
     from megammr.models.vlm import mrope_position_ids
 
-    lengths = [s.length for s in samples]
-    for i, s in enumerate(samples):
-        if not s.response_ids:
-            raise ValueError(f"sample {i} has an empty response: nothing to learn from")
-        if len(s.rollout_logp) != len(s.response_ids):
-            raise ValueError(f"sample {i}: {len(s.rollout_logp)} engine log-probs for {len(s.response_ids)} tokens")
+    lengths = _checked_lengths(samples)
     plans = plan_micro_batches(lengths, micro_batch_size=micro_batch_size, max_tokens=max_tokens,
                                fixed_shape=fixed_shape)
     width = max(lengths) if (fixed_shape and lengths) else None
@@ -136,8 +161,97 @@ def make_micro_batches(samples: list[Sample], backbone, *, pad_id: int, micro_ba
         grid = torch.cat(grids) if grids else None
         out.append(MicroBatch(
             input_ids=ids, position_ids=mrope_position_ids(ids, backbone, grid, attn), labels=labels,
-            loss_mask=mask, advantages=adv, rollout_logp=rlogp, rows=rows,
+            loss_mask=mask, advantages=adv, rollout_logp=rlogp, rows=rows, real_positions=sum(lengths[i] for i in plan),
             pixel_values=torch.cat(pixels) if pixels else None, image_grid_thw=grid))
+    return out
+
+
+def _checked_lengths(samples: list[Sample]) -> list[int]:
+    for i, s in enumerate(samples):
+        if not s.response_ids:
+            raise ValueError(f"sample {i} has an empty response: nothing to learn from")
+        if len(s.rollout_logp) != len(s.response_ids):
+            raise ValueError(f"sample {i}: {len(s.rollout_logp)} engine log-probs for {len(s.response_ids)} tokens")
+    return [s.length for s in samples]
+
+
+def plan_packs(lengths: list[int], *, micro_batch_size: int, max_tokens: Optional[int],
+               fixed_shape: bool = False) -> list[list[int]]:
+    """Indices of the sequences of each pack, longest first.
+
+    Free shapes: up to micro_batch_size sequences per pack (the padded path's grouping), or with a
+    budget as many as fit in max_tokens tokens; a longer sequence is packed alone. Fixed shapes
+    (pipeline parallelism: every pack is padded to the fullest one): first-fit decreasing into
+    packs of max_tokens, or of the padded path's micro-batch (micro_batch_size x longest) tokens,
+    so that no pack holds more tokens than a padded micro-batch and few positions are padding."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    if fixed_shape and order:
+        cap = max(max_tokens or micro_batch_size * lengths[order[0]], lengths[order[0]])
+        bins, used = [], []
+        for i in order:
+            k = next((k for k, u in enumerate(used) if u + lengths[i] <= cap), None)
+            if k is None:
+                bins.append([])
+                used.append(0)
+                k = len(bins) - 1
+            bins[k].append(i)
+            used[k] += lengths[i]
+        return bins
+    plans, cur, used = [], [], 0
+    for i in order:
+        full = len(cur) >= micro_batch_size if max_tokens is None else used + lengths[i] > max_tokens
+        if cur and full:
+            plans.append(cur)
+            cur, used = [], 0
+        cur.append(i)
+        used += lengths[i]
+    return plans + [cur] if cur else plans
+
+
+def make_packed_micro_batches(samples: list[Sample], backbone, *, pad_id: int, micro_batch_size: int,
+                              max_tokens: Optional[int] = None, fixed_shape: bool = False,
+                              multiple: int = 1) -> list[MicroBatch]:
+    """Packed (THD) micro-batches of `samples` (module docstring); every sample is in exactly one pack."""
+    from megammr.models.vlm import mrope_position_ids
+
+    multiple = max(1, int(multiple))
+    lengths = _checked_lengths(samples)
+    padded = [n + (-n % multiple) for n in lengths]
+    plans = plan_packs(padded, micro_batch_size=micro_batch_size, max_tokens=max_tokens, fixed_shape=fixed_shape)
+    totals = [sum(padded[i] for i in plan) for plan in plans]
+    out = []
+    for plan, total in zip(plans, totals):
+        t_len = max(totals) if fixed_shape else total
+        ids = torch.full((1, t_len), pad_id, dtype=torch.long)
+        labels = torch.full((1, t_len), IGNORE, dtype=torch.long)
+        mask, rlogp, adv = (torch.zeros(1, t_len, dtype=torch.float32) for _ in range(3))
+        pos = torch.zeros(3, 1, t_len, dtype=torch.long)
+        seq_ids = torch.zeros(1, t_len, dtype=torch.long)
+        cu_pad, pixels, grids = [0], [], []
+        for k, i in enumerate(plan):
+            s, a = samples[i], cu_pad[-1]
+            full = s.prompt_ids + s.response_ids
+            n, p = len(full) - 1, len(s.prompt_ids)
+            end = t_len if k == len(plan) - 1 else a + padded[i]  # the pack's tail padding: last sequence
+            ids[0, a:a + n] = torch.tensor(full[:-1])
+            labels[0, a + p - 1:a + n] = torch.tensor(s.response_ids)
+            mask[0, a + p - 1:a + n] = 1.0
+            rlogp[0, a + p - 1:a + n] = torch.tensor(s.rollout_logp, dtype=torch.float32)
+            adv[0, a:end] = s.advantage
+            seq_ids[0, a:end] = k
+            pos[:, :, a:a + n] = mrope_position_ids(ids[:, a:a + n], backbone, s.image_grid_thw)
+            cu_pad.append(end)
+            if s.pixel_values is not None:
+                pixels.append(s.pixel_values)
+                grids.append(s.image_grid_thw)
+        # cu_seqlens (real) counts only real tokens, back to back, as TE's THD format defines it
+        real = torch.tensor([0] + [lengths[i] for i in plan]).cumsum(0).to(torch.int32)
+        cu_pad_t = torch.tensor(cu_pad, dtype=torch.int32)
+        out.append(MicroBatch(
+            input_ids=ids, position_ids=pos, labels=labels, loss_mask=mask, advantages=adv, rollout_logp=rlogp,
+            rows=list(plan), real_positions=int(real[-1]), pixel_values=torch.cat(pixels) if pixels else None,
+            image_grid_thw=torch.cat(grids) if grids else None, cu_seqlens=real, cu_seqlens_padded=cu_pad_t,
+            max_seqlen=int((cu_pad_t[1:] - cu_pad_t[:-1]).max()), seq_ids=seq_ids))
     return out
 
 

@@ -34,7 +34,7 @@ RESUME_FREE = {"train.output_dir", "train.checkpoint_interval", "train.keep_chec
                "train.log_interval", "train.max_bad_steps", "train.save_rollouts", "train.sync_bucket_mb",
                "train.allow_recipe_change", "train.export_hf", "reward.workers", "rollout.max_batch_sequences",
                "parallel.tp", "parallel.pp", "parallel.dist_timeout_s", "phase.init_from", "train.progress",
-               "train.wandb_project"}
+               "train.wandb_project", "train.offload_during_rollout"}
 
 
 def _fsync_tree(path: str) -> None:

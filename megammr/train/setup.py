@@ -30,6 +30,9 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
     elif not os.path.isfile(os.path.join(r.model.hf_path, "config.json")) and not preparable_tiny(r):
         errors.append(f"model.hf_path {r.model.hf_path}: no config.json there "
                       "(tools/make_tiny_model.py writes a tiny one)")
+    if r.train.offload_during_rollout and r.optim.distributed_optimizer and r.model.precision == "fp32":
+        errors.append("train.offload_during_rollout with optim.distributed_optimizer in fp32: the optimizer's shards "
+                      "are views of the model's weights and cannot move to the CPU (use bf16, or either one alone)")
     engine = _check_engine(r, cuda, errors, notes)
     errors += gpu_model_problems(r, cuda)
     if r.rollout.replay:

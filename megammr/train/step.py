@@ -25,23 +25,43 @@ from megammr.kernels import logprobs_from_logits
 from megammr.train.batching import MicroBatch, pad_to_multiple
 
 # Per-step sums reported by the last pipeline stage (index order of the packed metrics tensor).
-SUM_KEYS = ("loss", "count", "tokens", "kl", "clip", "entropy", "logp_diff")
+SUM_KEYS = ("loss", "count", "tokens", "kl", "clip", "entropy", "logp_diff", "positions", "real_positions")
 
 
 def _forward(model, mb: MicroBatch):
+    kw = {}
+    if mb.packed:
+        from megatron.core.packed_seq_params import PackedSeqParams
+        kw["packed_seq_params"] = PackedSeqParams(
+            qkv_format="thd", cu_seqlens_q=mb.cu_seqlens, cu_seqlens_kv=mb.cu_seqlens,
+            cu_seqlens_q_padded=mb.cu_seqlens_padded, cu_seqlens_kv_padded=mb.cu_seqlens_padded,
+            max_seqlen_q=mb.max_seqlen, max_seqlen_kv=mb.max_seqlen)
     return model(input_ids=mb.input_ids, position_ids=mb.position_ids, attention_mask=None,
-                 pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw)
+                 pixel_values=mb.pixel_values, image_grid_thw=mb.image_grid_thw, **kw)
+
+
+def token_multiple(model) -> int:
+    """The token-count multiple the model's GEMMs need: 16 for FP8 (32 for mxfp8), else 1."""
+    cfg = getattr(model, "config", None)
+    if cfg is None or not getattr(cfg, "fp8", None):
+        return 1
+    from megammr.models.te import fp8_pad_multiple
+    return fp8_pad_multiple(getattr(cfg, "fp8_recipe", None))
 
 
 def _fp8_pad(model, mbs: list[MicroBatch]) -> None:
     """FP8 GEMMs need token counts divisible by 16 (32 for mxfp8): pad every micro-batch's sequence
-    in place (once; the old/ref log-prob passes and the update then see the same shapes)."""
-    cfg = getattr(model, "config", None)
-    if cfg is None or not getattr(cfg, "fp8", None):
+    in place (once; the old/ref log-prob passes and the update then see the same shapes). Packed
+    micro-batches were padded per sequence when they were built (batching), never here."""
+    multiple = token_multiple(model)
+    if multiple == 1:
         return
-    from megammr.models.te import fp8_pad_multiple
     for mb in mbs:
-        pad_to_multiple(mb, fp8_pad_multiple(getattr(cfg, "fp8_recipe", None)))
+        if not mb.packed:
+            pad_to_multiple(mb, multiple)
+        elif mb.shape[1] % multiple:
+            raise ValueError(f"a packed micro-batch of {mb.shape[1]} tokens is not padded to the {multiple} FP8 needs "
+                             "(build it with make_packed_micro_batches(multiple=token_multiple(model)))")
 
 
 def _schedule(model, mbs: list[MicroBatch], forward_step, forward_only: bool, collect_non_loss: bool = False):
@@ -109,12 +129,13 @@ def train_on(model, optimizer, mbs: list[MicroBatch], algo, temperature: float) 
             loss, metrics, logp = policy_loss(
                 logits, mb.labels, mb.loss_mask, mb.advantages, algo, old_logp=mb.old_logp, ref_logp=mb.ref_logp,
                 rollout_logp=mb.rollout_logp if need_rollout else None, temperature=temperature, tp_group=group,
-                normalizer=1.0, inplace_backward=True)
+                seq_ids=mb.seq_ids, normalizer=1.0, inplace_backward=True)
             tokens = mb.loss_mask.sum()
-            count = (mb.loss_mask.sum(1) > 0).sum() if per_seq else tokens
+            count = mb.sequences_with_loss() if per_seq else tokens
             diff = ((logp - mb.rollout_logp).abs() * mb.loss_mask).sum()
             sums = torch.stack([loss.detach(), count.float(), tokens, metrics["kl"] * tokens, metrics["clip_frac"] * tokens,
-                                metrics.get("entropy", torch.zeros(())) * tokens, diff]).float()
+                                metrics.get("entropy", torch.zeros(())) * tokens, diff,
+                                tokens.new_tensor(float(mb.input_ids.numel())), tokens.new_tensor(float(mb.real_positions))]).float()
             return loss, count.to(torch.int), {"sums": sums}
         return out, loss_func
 

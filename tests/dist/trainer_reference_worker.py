@@ -99,7 +99,7 @@ def main():
     grad_err = {m: float((grads[m] - hf_params[h].grad).norm() / hf_params[h].grad.norm()) for m, h in pairs.items()}
     print("RESULT " + json.dumps(dict(
         megatron_loss=got.sums["loss"] / got.sums["count"], reference_loss=float(loss), tokens=tokens,
-        megatron_tokens=got.sums["count"], clipped_tokens=clipped, kl_mean=kl_sum / tokens,
+        megatron_tokens=got.sums["count"], packed=all(mb.packed for mbs in minis for mb in mbs), clipped_tokens=clipped, kl_mean=kl_sum / tokens,
         grad_rel_err=grad_err, grad_norm=float(hf_params[pairs["vision_model.patch_embed.proj.weight"]].grad.norm()))),
         flush=True)
     runtime.shutdown()

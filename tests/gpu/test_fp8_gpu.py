@@ -104,3 +104,15 @@ def test_fp8_grpo_steps_are_finite(tmp_path, hf, recipe):
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     assert len(rows) == 6 and not any(r["step_skipped"] for r in rows)
     assert all(r["loss"] is not None and r["grad_norm"] is not None for r in rows)
+
+
+@pytest.mark.parametrize("precision,multiple,bound", [("bf16", 1, 1.02), ("fp8", 16, 1.05)])
+def test_te_packed_sequences_equal_padded_rows(hf, precision, multiple, bound):
+    """THD packing through TEDotProductAttention (padding_causal over cu_seqlens / cu_seqlens_padded)
+    and megatron's THD rotary path: text and image sequences give the padded rows' log-probs
+    (different attention kernels, so within bf16 / FP8 tolerance); FP8 with each sequence padded to 16."""
+    m = helpers.model_from_hf(hf, "te", precision, "tensorwise")
+    pad, pack = helpers.packed_vs_padded_logprobs(m, helpers.packing_samples(m.backbone), multiple=multiple)
+    for x, y in zip(pad, pack):
+        assert torch.isfinite(y).all()
+        assert helpers.mismatch(x, y) < bound, (precision, helpers.mismatch(x, y))

@@ -75,14 +75,18 @@ def test_backward_on_gpu_matches_transformers_float64(hf):
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
 
-def test_grpo_steps_on_gpu(tmp_path, hf):
-    """`megammr train` for 3 steps on the GPU (transformers engine, bf16): finite loss and grad norm."""
+@pytest.mark.parametrize("options", [[], ["train.offload_during_rollout=true", "train.pack_sequences=true"]],
+                         ids=["plain", "offload+packed"])
+def test_grpo_steps_on_gpu(tmp_path, hf, options):
+    """`megammr train` for 3 steps on the GPU (transformers engine, bf16): finite loss and grad norm;
+    and with the memory options (optimizer state and grad buffers released during the rollout,
+    THD-packed micro-batches): the same, with the released memory reported."""
     from megammr.data.synthetic import write_all
     data = write_all(str(tmp_path / "data"), n=64, seed=0, phases=(1,), progress=False)[1]["shards"]
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "megammr", "train", "recipes/tiny/phase1.yaml", f"model.hf_path={hf}",
            "model.precision=bf16", "rollout.engine=transformers", f"data.datasets=[{{path: {json.dumps(data)}}}]",
-           "train.steps=3", "train.export_hf=false", f"train.output_dir={out}", "data.num_workers=0"]
+           "train.steps=3", "train.export_hf=false", f"train.output_dir={out}", "data.num_workers=0", *options]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
@@ -90,3 +94,19 @@ def test_grpo_steps_on_gpu(tmp_path, hf):
     assert len(rows) == 3
     for r in rows:
         assert r["loss"] is not None and r["grad_norm"] is not None and r["logp_diff/rollout_vs_train"] < 0.1
+        if options:  # bf16: fp32 main params + two Adam moments + fp32 grads are all on the GPU
+            assert r["memory/offloaded_mb"] > 0 and r["batch/pad_frac"] == 0, r
+
+
+def test_packed_sequences_equal_padded_rows_on_gpu(hf):
+    """THD packing with the local spec on the GPU (megammr's packed SDPA path, unfused THD rotary):
+    the log-probs of text and image sequences equal the padded rows' (fp32, TF32 off)."""
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        m = helpers.model_from_hf(hf, "local", "fp32")
+        pad, pack = helpers.packed_vs_padded_logprobs(m, helpers.packing_samples(m.backbone))
+        worst = max(float((x - y).abs().max()) for x, y in zip(pad, pack))
+        assert worst < 1e-4, worst
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32

@@ -150,10 +150,12 @@ def test_vision_tokens_in_a_response_drop_the_sample():
     ("model.hf_path=null", "model.hf_path is required"),
     ("rollout.replay=/nonexistent", "no such directory"),
     ("train.prompts_per_step=3", "does not split over 2 data-parallel ranks"),
+    ("train.offload_during_rollout=true optim.distributed_optimizer=true model.precision=fp32",
+     "cannot move to the CPU"),
 ])
 def test_unhonourable_fields_are_errors(override, needle, tmp_path):
     (tmp_path / "config.json").write_text("{}")
-    r = load_recipe("recipes/tiny/phase1.yaml", [f"model.hf_path={tmp_path}", override])
+    r = load_recipe("recipes/tiny/phase1.yaml", [f"model.hf_path={tmp_path}", *override.split()])
     with pytest.raises(RecipeError, match=needle.replace(".", r"\.").replace("(", r"\(")):
         check_recipe(r, world_size=2, cuda=False)
 
