@@ -133,9 +133,9 @@ def train_on(model, optimizer, mbs: list[MicroBatch], algo, temperature: float) 
             tokens = mb.loss_mask.sum()
             count = mb.sequences_with_loss() if per_seq else tokens
             diff = ((logp - mb.rollout_logp).abs() * mb.loss_mask).sum()
+            positions = [tokens.new_tensor(float(mb.input_ids.numel())), tokens.new_tensor(float(mb.real_positions))]
             sums = torch.stack([loss.detach(), count.float(), tokens, metrics["kl"] * tokens, metrics["clip_frac"] * tokens,
-                                metrics.get("entropy", torch.zeros(())) * tokens, diff,
-                                tokens.new_tensor(float(mb.input_ids.numel())), tokens.new_tensor(float(mb.real_positions))]).float()
+                                metrics.get("entropy", torch.zeros(())) * tokens, diff, *positions]).float()
             return loss, count.to(torch.int), {"sums": sums}
         return out, loss_func
 
