@@ -148,7 +148,7 @@ class TrainConfig:
     output_dir: str = F("outputs/run", "Run directory: checkpoints, metrics, logs.")
     seed: int = F(1234, "Seed of every RNG (Python, NumPy, torch, megatron's model-parallel tracker, data shuffling).")
     log_interval: int = F(1, "Print and log metrics every this many steps.")
-    max_tokens_per_micro_batch: Optional[int] = F(None, "Token budget of a micro-batch (rows x longest sequence, padding included); sequences are grouped by length under it. None: micro_batch_size rows.")
+    max_tokens_per_micro_batch: Optional[int] = F(None, "Token budget of a micro-batch (rows x longest sequence, padding included; packed: the tokens of a pack); sequences are grouped by length under it. None: micro_batch_size rows.")
     pack_sequences: bool = F(False, "THD packing: a micro-batch is one row of whole sequences back to back (megatron PackedSeqParams) instead of rows padded to the longest; micro_batch_size / max_tokens_per_micro_batch then bound its sequences / tokens. The same loss and gradients as the padded path (tested on CPU); the fast path with model.layer_spec: te.")
     offload_during_rollout: bool = F(False, "While the engine generates, free the gradient buffers and move the optimizer state to the CPU (megatron-core's offload_grad_buffers / offload_to_cpu), so the engine's KV cache can use that memory; restored before the update. Not with optim.distributed_optimizer in fp32.")
     max_bad_steps: int = F(3, "Steps in a row with a non-finite loss or grad norm (each skipped and counted) before the run stops with an error.")
