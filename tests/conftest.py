@@ -34,6 +34,16 @@ def run_torchrun(script: str, nproc: int, env: dict | None = None, timeout: floa
     return [json.loads(line[len("RESULT "):]) for line in p.stdout.splitlines() if line.startswith("RESULT ")]
 
 
+def run_python(code: str, *args: str, timeout: float = 300) -> dict:
+    """Run `python -c code args...` from the repository root (one process, its own process group);
+    return its `RESULT {json}` line, parsed. A non-zero exit or no RESULT fails with the log."""
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    if p.returncode != 0 or not lines:
+        pytest.fail(f"worker failed (rc={p.returncode}):\n{(p.stdout + p.stderr)[-6000:]}")
+    return json.loads(lines[0][len("RESULT "):])
+
+
 @pytest.fixture
 def torchrun():
     return run_torchrun

@@ -36,42 +36,40 @@ class SDPADotProductAttention(DotProductAttention):
     def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
                 packed_seq_params=None):
         mask_type = attn_mask_type if attn_mask_type is not None else self.attn_mask_type
+        plain = self._plain_causal(attention_mask, mask_type, attention_bias)
         if packed_seq_params is not None and packed_seq_params.qkv_format == "thd":
-            return self._packed(query, key, value, attention_mask, mask_type, attention_bias, packed_seq_params)
-        plain = (self._fusable and attention_mask is None and mask_type == AttnMaskType.causal
-                 and attention_bias is None and packed_seq_params is None and query.shape[0] == key.shape[0]
-                 and (self.attention_dropout.p == 0 or not self.training))
-        if not plain:
+            if not plain:
+                raise ValueError("packed (THD) sequences with the local layer spec support plain causal attention "
+                                 "only (no mask, bias, dropout, sliding window or query-key layer scaling); use "
+                                 "model.layer_spec=te or train.pack_sequences=false")
+            return self._packed(query, key, value, packed_seq_params)
+        if not plain or packed_seq_params is not None or query.shape[0] != key.shape[0]:
             return super().forward(query, key, value, attention_mask, attn_mask_type=attn_mask_type,
                                    attention_bias=attention_bias, packed_seq_params=packed_seq_params)
         sq, b, heads, hd = query.shape
-        # [s, b, n, d] -> [b, n, s, d]; key/value groups repeated along the heads as megatron does
-        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        groups = heads // k.shape[1]
+        out = self._sdpa(*(t.permute(1, 2, 0, 3) for t in (query, key, value)))  # [s, b, n, d] -> [b, n, s, d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hd)
+
+    def _plain_causal(self, attention_mask, mask_type, attention_bias) -> bool:
+        """The case the fused kernel computes exactly: causal, no explicit mask or bias, no dropout."""
+        return (self._fusable and attention_mask is None and mask_type == AttnMaskType.causal
+                and attention_bias is None and (self.attention_dropout.p == 0 or not self.training))
+
+    def _sdpa(self, q, k, v):
+        """Causal SDPA on [b, n, s, d]; key/value groups repeated along the heads as megatron does."""
+        groups = q.shape[1] // k.shape[1]
         if groups > 1:
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=sq > 1, scale=self.softmax_scale)
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * hd)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=self.softmax_scale)
 
-    def _packed(self, query, key, value, attention_mask, mask_type, attention_bias, params):
-        if not (self._fusable and attention_mask is None and mask_type == AttnMaskType.causal
-                and attention_bias is None and (self.attention_dropout.p == 0 or not self.training)):
-            raise ValueError("packed (THD) sequences with the local layer spec support plain causal attention only "
-                             "(no mask, bias, dropout, sliding window or query-key layer scaling); use "
-                             "model.layer_spec=te or train.pack_sequences=false")
+    def _packed(self, query, key, value, params):
+        """[t, n, d] packed sequences: each between its padded boundaries, on its own."""
         cu = params.cu_seqlens_q_padded if params.cu_seqlens_q_padded is not None else params.cu_seqlens_q
         bounds = [int(x) for x in cu.tolist()]
         t, heads, hd = query.shape
         if bounds[0] != 0 or bounds[-1] != t:
             raise ValueError(f"packed sequence boundaries {bounds[0]}..{bounds[-1]} do not cover the {t} tokens")
-        groups = heads // key.shape[1]
-        outs = []
-        for a, b in zip(bounds[:-1], bounds[1:]):  # [t, n, d] -> [1, n, s_i, d] per sequence
-            q, k, v = (x[a:b].transpose(0, 1).unsqueeze(0) for x in (query, key, value))
-            if groups > 1:
-                k = k.repeat_interleave(groups, dim=1)
-                v = v.repeat_interleave(groups, dim=1)
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=b - a > 1, scale=self.softmax_scale)
-            outs.append(o.squeeze(0).transpose(0, 1))
-        return torch.cat(outs).reshape(t, heads * hd)
+        outs = [self._sdpa(*(x[a:b].transpose(0, 1).unsqueeze(0) for x in (query, key, value))).squeeze(0)
+                for a, b in zip(bounds[:-1], bounds[1:])]  # [n, s_i, d] each
+        return torch.cat(outs, dim=1).transpose(0, 1).reshape(t, heads * hd)

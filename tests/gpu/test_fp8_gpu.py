@@ -18,6 +18,8 @@ if torch.cuda.get_device_capability() < (8, 9):
 
 sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+import packing_cases  # noqa: E402  (tests/packing_cases.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -112,7 +114,8 @@ def test_te_packed_sequences_equal_padded_rows(hf, precision, multiple, bound):
     and megatron's THD rotary path: text and image sequences give the padded rows' log-probs
     (different attention kernels, so within bf16 / FP8 tolerance); FP8 with each sequence padded to 16."""
     m = helpers.model_from_hf(hf, "te", precision, "tensorwise")
-    pad, pack = helpers.packed_vs_padded_logprobs(m, helpers.packing_samples(m.backbone), multiple=multiple)
+    pad, pack, _ = packing_cases.packed_vs_padded_logprobs(m, packing_cases.packing_samples(m.backbone),
+                                                            multiple=multiple)
     for x, y in zip(pad, pack):
         assert torch.isfinite(y).all()
         assert helpers.mismatch(x, y) < bound, (precision, helpers.mismatch(x, y))

@@ -14,6 +14,8 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(__file__))
 import helpers  # noqa: E402
+sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
+import packing_cases  # noqa: E402  (tests/packing_cases.py)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -105,7 +107,7 @@ def test_packed_sequences_equal_padded_rows_on_gpu(hf):
     torch.backends.cuda.matmul.allow_tf32 = False
     try:
         m = helpers.model_from_hf(hf, "local", "fp32")
-        pad, pack = helpers.packed_vs_padded_logprobs(m, helpers.packing_samples(m.backbone))
+        pad, pack, _ = packing_cases.packed_vs_padded_logprobs(m, packing_cases.packing_samples(m.backbone))
         worst = max(float((x - y).abs().max()) for x, y in zip(pad, pack))
         assert worst < 1e-4, worst
     finally:

@@ -2,11 +2,7 @@
 computes: causal softmax(Q K^T / sqrt(d)) V with grouped-query heads, checked against a float64
 computation written out here (outputs and the gradients of Q, K, V) and against megatron's own class
 in fp32; inputs outside its plain causal case (an explicit mask) take megatron's own forward."""
-import json
-import subprocess
-import sys
-
-from conftest import REPO, free_port
+from conftest import free_port, run_python
 
 _WORKER = r"""
 import json, math, sys, torch
@@ -71,11 +67,7 @@ runtime.shutdown()
 
 
 def test_sdpa_attention_equals_float64_and_megatron_dot_product_attention():
-    p = subprocess.run([sys.executable, "-c", _WORKER, str(free_port())], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, p.stdout + p.stderr
-    got = json.loads(lines[0][7:])
+    got = run_python(_WORKER, str(free_port()))
     for name in ("sdpa", "megatron"):  # output, dQ, dK, dV relative to the float64 reference
         assert max(got["res"][name]) < 1e-6, got["res"]
     assert max(got["res"]["sdpa_vs_megatron"]) < 5e-6, got["res"]

@@ -2,13 +2,9 @@
 local spec's packed attention / the tiny model's packed log-probs against the padded path and a
 float64 computation. The full GRPO update, packed versus padded, at TP=1 and TP=2xPP=2 and against
 transformers in float64 is in tests/dist/test_trainer_parity.py."""
-import json
-import subprocess
-import sys
-
 import torch
 
-from conftest import REPO, free_port
+from conftest import free_port, run_python
 from megammr.models.backbones import get_backbone
 from megammr.train.batching import IGNORE, Sample, make_micro_batches, make_packed_micro_batches, plan_packs
 
@@ -103,8 +99,6 @@ from megatron.core.transformer.enums import AttnMaskType
 from megammr.models.attention import SDPADotProductAttention
 from megammr.models.backbones import get_backbone
 from megammr.models.vlm import build_model, transformer_config
-from megammr.train.batching import Sample, make_micro_batches, make_packed_micro_batches
-from megammr.train.step import forward_logprobs
 
 bb = get_backbone("tiny")
 cfg = transformer_config(bb, 1, 1, ModelConfig(precision="fp32"), perform_initialization=False)
@@ -113,7 +107,7 @@ g = torch.Generator().manual_seed(0)
 res = {}
 
 # 1. attention: three packed sequences (one with tail padding) vs float64, each sequence on its own
-lens, bounds = [5, 1, 9], [0, 5, 6, 15]
+bounds = [0, 5, 6, 15]  # sequences of 5, 1 and 9 tokens
 t = bounds[-1]
 q = torch.randn(t, heads, d, generator=g, dtype=torch.float64)
 k = torch.randn(t, groups, d, generator=g, dtype=torch.float64)
@@ -134,43 +128,21 @@ res["attention"] = float((out.double() - ref).abs().max() / ref.abs().max())
 
 # 2. the tiny model: packed log-probs (text and image sequences, padding to 16 per sequence) equal
 #    the padded path's, sequence by sequence
+sys.path.insert(0, "tests")
+from packing_cases import packed_vs_padded_logprobs, packing_samples
 torch.manual_seed(0)
 model = build_model(bb, r.model, perform_initialization=True)
 model.eval()
-img = bb.image_token_id
-grid = torch.tensor([[1, 4, 4]])
-px = torch.randn(16, 3 * 2 * 14 * 14, generator=g)
-def rnd(n):
-    return torch.randint(10, 300, (n,), generator=g).tolist()
-ss = [Sample(rnd(3) + [img] * 4 + rnd(2), rnd(7), 1.0, [-1.0] * 7, px, grid),
-      Sample(rnd(5), rnd(11), 0.0, [-1.0] * 11),
-      Sample(rnd(2) + [img] * 4, rnd(3), 0.0, [-1.0] * 3, px * 0.5, grid),
-      Sample(rnd(9), rnd(1), 0.0, [-1.0])]
-padded = make_micro_batches(ss, bb, pad_id=0, micro_batch_size=4)
-packed = make_packed_micro_batches(ss, bb, pad_id=0, micro_batch_size=4, multiple=16)
-(lp_pad,), (lp_pack,) = forward_logprobs(model, padded, 1.0), forward_logprobs(model, packed, 1.0)
-worst = 0.0
-for k, i in enumerate(packed[0].rows):
-    a = int(packed[0].cu_seqlens_padded[k])
-    n = len(ss[i].prompt_ids) + len(ss[i].response_ids) - 1
-    r_ = padded[0].rows.index(i)
-    m = padded[0].loss_mask[r_, :n].bool()
-    x, y = lp_pack[0, a:a + n][m], lp_pad[r_, :n][m]
-    assert x.numel() == len(ss[i].response_ids)
-    worst = max(worst, float((x - y).abs().max()))
-res["logprobs"] = worst
-res["tokens"] = [padded[0].shape[1] * 4, packed[0].shape[1]]
+pad, pack, packed = packed_vs_padded_logprobs(model, packing_samples(bb), multiple=16)
+res["logprobs"] = max(float((x - y).abs().max()) for x, y in zip(pad, pack))
+res["tokens"] = packed.shape[1]
 print("RESULT " + json.dumps(res))
 runtime.shutdown()
 """
 
 
 def test_packed_attention_and_model_log_probs_equal_the_padded_path():
-    p = subprocess.run([sys.executable, "-c", _WORKER, str(free_port())], capture_output=True, text=True,
-                       cwd=REPO, timeout=300)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, p.stdout + p.stderr
-    got = json.loads(lines[0][7:])
+    got = run_python(_WORKER, str(free_port()))
     assert got["attention"] < 1e-6, got
     assert got["logprobs"] < 1e-5, got
-    assert got["tokens"][1] % 16 == 0, got
+    assert got["tokens"] % 16 == 0, got
