@@ -16,7 +16,7 @@ import pathlib
 import megammr.config as config
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-SOURCES = sorted(p for d in ("megammr", "kernels", "tools") for p in (ROOT / d).rglob("*.py"))
+SOURCES = sorted(p for d in ("megammr", "tools") for p in (ROOT / d).rglob("*.py"))
 
 
 def _recipe_defaults() -> dict[str, set]:
@@ -60,8 +60,6 @@ def test_no_function_restates_a_recipe_default():
 def _module_name(path: pathlib.Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
-    if parts[0] == "kernels":
-        parts[0] = "megammr.kernels"
     if parts[-1] == "__init__":
         parts = parts[:-1]
     return ".".join(parts)
