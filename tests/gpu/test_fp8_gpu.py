@@ -17,7 +17,7 @@ if torch.cuda.get_device_capability() < (8, 9):
     pytest.skip("needs an FP8 GPU (compute capability >= 8.9)", allow_module_level=True)
 
 sys.path.insert(0, os.path.dirname(__file__))
-import helpers  # noqa: E402
+import gpu_helpers as helpers  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import packing_cases  # noqa: E402  (tests/packing_cases.py)
 

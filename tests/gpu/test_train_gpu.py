@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
     pytest.skip("needs CUDA", allow_module_level=True)
 
 sys.path.insert(0, os.path.dirname(__file__))
-import helpers  # noqa: E402
+import gpu_helpers as helpers  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 import packing_cases  # noqa: E402  (tests/packing_cases.py)
 

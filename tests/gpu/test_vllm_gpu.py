@@ -15,7 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("vllm", reason='needs vllm (pip install -e ".[gpu]")')
 
 sys.path.insert(0, os.path.dirname(__file__))
-import helpers  # noqa: E402
+import gpu_helpers as helpers  # noqa: E402
 
 
 @pytest.fixture(scope="module")

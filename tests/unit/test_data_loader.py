@@ -10,7 +10,7 @@ from megammr.data.loader import DataConfigError, DataStateError, PhaseDataLoader
 
 from megammr.data.shards import build_shards
 from megammr.data.synthetic import write_phase
-from data_helpers import tiny_processor, tiny_tokenizer  # noqa: F401 (fixtures)
+from record_helpers import tiny_processor, tiny_tokenizer  # noqa: F401 (fixtures)
 
 N = 48
 _OPEN = []

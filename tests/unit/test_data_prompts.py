@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
-from data_helpers import tiny_processor, tiny_tokenizer  # noqa: F401 (fixtures)
+from record_helpers import tiny_processor, tiny_tokenizer  # noqa: F401 (fixtures)
 from megammr.data.images import preprocess_images, smart_resize
 from megammr.data.prompts import SYSTEM_PROMPT, PromptError, encode_prompt, render_chat
 
