@@ -10,13 +10,29 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def parse_results(text: str) -> list[dict]:
+    """Every `RESULT {json}` object in `text`, in order.
+
+    Ranks share one pipe, and under PYTHONUNBUFFERED print writes its text and its newline as two
+    writes, so two ranks' lines can land as `RESULT {a}RESULT {b}\n\n`. Each object is therefore
+    decoded from its marker, not per line.
+    """
+    dec, out, i = json.JSONDecoder(), [], text.find("RESULT ")
+    while i >= 0:
+        obj, end = dec.raw_decode(text, i + len("RESULT "))
+        out.append(obj)
+        i = text.find("RESULT ", end)
+    return out
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run_torchrun(script: str, nproc: int, env: dict | None = None, timeout: float = 300) -> list[dict]:
+def run_torchrun(script: str, nproc: int, env: dict | None = None, timeout: float = 300,
+                 args: tuple | list = ()) -> list[dict]:
     """Launch `script` with torchrun (gloo on CPU); return the parsed `RESULT {json}` lines.
 
     The template for distributed tests: the worker prints `RESULT <json>` from the rank(s) that
@@ -26,22 +42,22 @@ def run_torchrun(script: str, nproc: int, env: dict | None = None, timeout: floa
                     PYTHONWARNINGS="ignore")
     full_env.update({k: str(v) for k, v in (env or {}).items()})
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
-           f"--master-port={free_port()}", "--master-addr=127.0.0.1", script]
+           f"--master-port={free_port()}", "--master-addr=127.0.0.1", script, *args]
     p = subprocess.run(cmd, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO)
     log = p.stdout + p.stderr
     if p.returncode != 0:
         pytest.fail(f"torchrun {os.path.basename(script)} x{nproc} {env} failed (rc={p.returncode}):\n{log[-6000:]}")
-    return [json.loads(line[len("RESULT "):]) for line in p.stdout.splitlines() if line.startswith("RESULT ")]
+    return parse_results(p.stdout)
 
 
 def run_python(code: str, *args: str, timeout: float = 300) -> dict:
     """Run `python -c code args...` from the repository root (one process, its own process group);
     return its `RESULT {json}` line, parsed. A non-zero exit or no RESULT fails with the log."""
     p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=REPO, timeout=timeout)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    if p.returncode != 0 or not lines:
+    results = parse_results(p.stdout) if p.returncode == 0 else []
+    if not results:
         pytest.fail(f"worker failed (rc={p.returncode}):\n{(p.stdout + p.stderr)[-6000:]}")
-    return json.loads(lines[0][len("RESULT "):])
+    return results[0]
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, parse_results
 
 pytestmark = pytest.mark.dist
 STEPS = 3
@@ -199,7 +199,7 @@ def test_loss_and_gradient_match_float64_transformers(recorded, packed):
                         "optim.clip_grad=0", f"train.output_dir={root / ('reference-packed' if packed else 'reference')}"],
                        env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
-    (res,) = [json.loads(l[len("RESULT "):]) for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    (res,) = parse_results(p.stdout)
     assert res["clipped_tokens"] > 0 and res["kl_mean"] > 1e-4, res  # the terms under test act
     assert res["megatron_tokens"] == res["tokens"]
     assert res["packed"] == packed, res

@@ -8,7 +8,6 @@
 The updates use an entropy bonus: a random tiny model scores 0 reward, and without it the weights
 would not move between syncs.
 """
-import json
 import os
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from conftest import REPO, free_port
+from conftest import REPO, free_port, parse_results
 from test_trainer_parity import megammr_train, read_metrics
 
 pytestmark = pytest.mark.dist
@@ -47,7 +46,7 @@ def test_engine_logits_equal_megatron_after_updates(setup_dirs, tp, pp):
            f"train.output_dir={root / f'worker{tp}{pp}'}", "train.sync_bucket_mb=1"]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert p.returncode == 0, (p.stdout + p.stderr)[-6000:]
-    (res,) = [json.loads(l[len("RESULT "):]) for l in p.stdout.splitlines() if l.startswith("RESULT ")]
+    (res,) = parse_results(p.stdout)
     assert res["weights_moved"] > 1e-4, res  # the updates changed the weights
     assert set(res["cases"]) == {"text", "image"}
     for name, c in res["cases"].items():

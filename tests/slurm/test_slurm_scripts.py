@@ -12,7 +12,6 @@ accepted as written; the jobs run on CPU with gloo).
   started from Slurm's own variables (srun, no torchrun) gives torchrun's losses and grad norms.
 Slurm may report COMPLETED for a job that never ran, so every check reads the job's own output.
 """
-import json
 import os
 import re
 import subprocess
@@ -22,7 +21,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO
+from conftest import REPO, parse_results
 
 pytestmark = pytest.mark.slurm
 CURRICULUM = os.path.join(REPO, "recipes", "tiny", "curriculum.yaml")
@@ -248,7 +247,7 @@ srun {sys.executable} {WORKER}
     log = out.read_text() if out.exists() else ""
     assert p.returncode == 0, f"sbatch failed rc={p.returncode}: {p.stderr}\n{log[-4000:]}"
     # Slurm can report a job COMPLETED that never ran: the job's own output is the evidence.
-    results = [json.loads(line[7:]) for line in log.splitlines() if line.startswith("RESULT ")]
+    results = parse_results(log)
     assert len(results) == 1, log[-4000:]
     slurm = results[0]
     assert slurm["launcher"] == "slurm" and slurm["world"] == 2
