@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import sys
 
-from megammr.config import RecipeError, field_docs, load_recipe, to_yaml
+from megammr.config.load import field_docs, load_recipe, to_yaml
+from megammr.config.schema import RecipeError
 
 
 def add_arguments(p):

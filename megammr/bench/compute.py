@@ -118,7 +118,7 @@ def megatron_compute(recipe, batches, objects=None) -> dict:
     megatron's schedule, the fused loss kernels, the metric sums, the guarded optimizer step), so the
     difference of the two is the train-side framework cost measured under the same load."""
     from megammr import runtime
-    from megammr.models.backbones import Backbone
+    from megammr.backbones import Backbone
     from megammr.train import setup
 
     rt = runtime.init(recipe)

@@ -5,7 +5,7 @@ the summary table with the paper's Infi-MMR-3B number beside ours. Decoding is g
 --temperature is given. The rollout (max_new_tokens, top_p ...), reward and system-prompt
 settings come from --recipe; without it, from the recipe of the run that wrote the model when
 --model is a phase's export (OUTPUT_DIR/hf, beside OUTPUT_DIR/checkpoints), so a model is
-evaluated as it was trained; else from the defaults in megammr/config.py. --max-new-tokens wins
+evaluated as it was trained; else from the defaults in megammr/config/schema.py. --max-new-tokens wins
 over all of them.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ def run(args) -> int:
             print(f"megammr eval: note: the run's recipe {saved[1]} does not load here ({e.errors[0]}); "
                   "using the defaults", file=sys.stderr)
             saved = None
-    source = args.recipe or (saved[1] if saved else "the defaults in megammr/config.py")
+    source = args.recipe or (saved[1] if saved else "the defaults in megammr/config/schema.py")
     try:
         if saved:
             recipe = load_recipe(None, args.override, base=saved)

@@ -22,7 +22,7 @@ from typing import Callable, Optional
 
 import torch
 
-from megammr.models.backbones import Backbone
+from megammr.backbones import Backbone
 from megammr.models.mapping import (DEC, LAYER_KEYS, LM, CheckpointError, HFReader, global_nonlayer_keys,
                                     hf_layer_to_global, iter_hf_from_global)
 

@@ -20,7 +20,7 @@ from typing import Callable, Iterator, Optional
 
 import torch
 
-from megammr.models.backbones import Backbone
+from megammr.backbones import Backbone
 
 LM = "language_model."
 DEC = LM + "decoder.layers."

@@ -101,8 +101,8 @@ def main(argv=None):
     args = ap.parse_args(argv)
 
     from megammr import runtime
+    from megammr.backbones import Backbone
     from megammr.config import load_recipe
-    from megammr.models.backbones import Backbone
     from megammr.models.mapping import load_hf_into_model
     from megammr.models.vlm import build_model
     from megatron.core import parallel_state as ps

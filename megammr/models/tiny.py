@@ -78,7 +78,7 @@ Hint: Please answer the question and provide the correct option letter at the en
 The function f(x) = x^2 - 5x + 6 has roots 2 and 3. The probability that the number is even is 1/2.
 """
 
-# Architecture of the `tiny` backbone (mirrors megammr.models.backbones "tiny"). Sizes divide by
+# Architecture of the `tiny` backbone (mirrors megammr.backbones "tiny"). Sizes divide by
 # TP=2 (heads, query groups, vocabulary, FFN) and the 4 decoder layers split over PP=2.
 TINY_TEXT = dict(vocab_size=1024, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from megammr.models.backbones import VisionSpec
+from megammr.backbones import VisionSpec
 
 
 class RMSNorm(nn.Module):

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from megammr.models.backbones import Backbone, check_parallel_layout
+from megammr.backbones import Backbone, check_parallel_layout
 from megammr.models.vision import VisionTower
 
 
@@ -205,7 +205,7 @@ def build_from_recipe(recipe, bb: Optional[Backbone] = None) -> Qwen25VLModel:
     import json
     import os
 
-    from megammr.models.backbones import get_backbone
+    from megammr.backbones import get_backbone
 
     m = recipe.model
     if bb is None:

@@ -29,7 +29,7 @@ def init(recipe=None):
 
 
 def backbone(hf_dir: str):
-    from megammr.models.backbones import Backbone
+    from megammr.backbones import Backbone
     with open(os.path.join(hf_dir, "config.json")) as f:
         return Backbone.from_hf_config(json.load(f))
 

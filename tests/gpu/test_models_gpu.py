@@ -25,7 +25,7 @@ def _init():
 
 
 def test_te_spec_bf16_matches_local_and_fp8_runs(tmp_path):
-    from megammr.models.backbones import Backbone
+    from megammr.backbones import Backbone
     from megammr.models.mapping import load_hf_into_model
     from megammr.models.parity import parity_inputs
     from megammr.models.tiny import write_tiny_model

@@ -13,7 +13,7 @@ runtime.init(load_recipe(None, []), environ=dict(RANK="0", WORLD_SIZE="1", MASTE
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.enums import AttnMaskType
 from megammr.models.attention import SDPADotProductAttention
-from megammr.models.backbones import get_backbone
+from megammr.backbones import get_backbone
 from megammr.models.vlm import transformer_config
 from megammr.config import ModelConfig
 

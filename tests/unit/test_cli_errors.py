@@ -121,13 +121,15 @@ def test_unknown_backbone_and_parallel_layout_are_load_errors(tmp_path):
     load_recipe(TINY, ["parallel.tp=2", "parallel.pp=2"])
     assert "num_kv_heads=2" in errors(lambda: load_recipe(TINY, ["parallel.tp=4"]))[0]
     # model.hf_path/config.json, when present, is what the builder reads: its numbers decide
-    from megammr.models.backbones import BACKBONES
+    from megammr.backbones import BACKBONES
     wide = BACKBONES["tiny"].replace(num_kv_heads=4)
     (tmp_path / "config.json").write_text(json.dumps(wide.to_hf_config()))
     assert load_recipe(TINY, ["parallel.tp=4", f"model.hf_path={tmp_path}"]).parallel.tp == 4
     # one rule, one function: the builder's check is the one recipe loading runs
-    from megammr.models import backbones, vlm
-    assert vlm.check_parallel_layout is backbones.check_parallel_layout
+    from megammr import backbones
+    from megammr.config import rules
+    from megammr.models import vlm
+    assert vlm.check_parallel_layout is backbones.check_parallel_layout is rules.check_parallel_layout
 
 
 def test_data_parallel_split_with_a_world_size():
@@ -265,7 +267,8 @@ def test_eval_max_new_tokens_from_the_run_a_flag_or_the_default(tmp_path, capsys
     plain.mkdir()
     for f in ("config.json", "model.safetensors"):
         (plain / f).write_bytes(b"{}")
-    runs.append((["--model", str(plain)], RolloutConfig().max_new_tokens, "the defaults in megammr/config.py"))
+    runs.append((["--model", str(plain)], RolloutConfig().max_new_tokens,
+                 "the defaults in megammr/config/schema.py"))
     for extra, tokens, source in runs:
         _Engine.seen = []
         assert main(base + extra + ["--progress"]) == 0

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from megammr.models.backbones import BACKBONES, Backbone, get_backbone
+from megammr.backbones import BACKBONES, Backbone, get_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -19,7 +19,7 @@ _WORKER = r"""
 import json, os, sys, torch
 from megammr.config import load_recipe
 from megammr import runtime
-from megammr.models.backbones import get_backbone
+from megammr.backbones import get_backbone
 from megammr.models.vlm import count_parameters_meta
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 runtime.init(load_recipe(None, []), environ=dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=sys.argv[1]))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from megammr.models import te
-from megammr.models.backbones import get_backbone
+from megammr.backbones import get_backbone
 
 
 def _config(**fp8):

@@ -5,7 +5,7 @@ transformers in float64 is in tests/dist/test_trainer_parity.py."""
 import torch
 
 from conftest import free_port, run_python
-from megammr.models.backbones import get_backbone
+from megammr.backbones import get_backbone
 from megammr.train.batching import IGNORE, Sample, make_micro_batches, make_packed_micro_batches, plan_packs
 
 BB = get_backbone("tiny")
@@ -97,7 +97,7 @@ runtime.init(r, environ=dict(RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", 
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.transformer.enums import AttnMaskType
 from megammr.models.attention import SDPADotProductAttention
-from megammr.models.backbones import get_backbone
+from megammr.backbones import get_backbone
 from megammr.models.vlm import build_model, transformer_config
 
 bb = get_backbone("tiny")

@@ -1,4 +1,4 @@
-"""The bundled recipes write only what differs from what they inherit (megammr/config.py's
+"""The bundled recipes write only what differs from what they inherit (megammr/config/schema.py's
 defaults, or the file they extend): a value restated there would silently stop following the
 default when it changes."""
 import glob

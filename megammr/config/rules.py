@@ -1,17 +1,19 @@
 """The rules between recipe fields that a type cannot express, run when a recipe is loaded
-(megammr.config.load_recipe): value ranges, the backbone name, whether TP x PP splits the
+(megammr.config.load.load_recipe): value ranges, the backbone name, whether TP x PP splits the
 backbone, and, given a world size, the data-parallel split. Each rule names the keys it reads,
 so a rule about a key that already failed to load is skipped instead of judging a default.
+
+Imports only the schema and megammr.backbones (pure data, below config): never the model code.
 """
 from __future__ import annotations
 
 import difflib
 import json
 import os
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
-if TYPE_CHECKING:
-    from megammr.config import Recipe
+from megammr.backbones import BACKBONES, Backbone, check_parallel_layout
+from megammr.config.schema import Recipe
 
 
 def _rules(r: Recipe) -> list[tuple[tuple[str, ...], bool, str]]:
@@ -33,11 +35,13 @@ def _rules(r: Recipe) -> list[tuple[tuple[str, ...], bool, str]]:
         (("train.micro_batch_size",), t.micro_batch_size >= 1, "train.micro_batch_size must be >= 1"),
         (("train.checkpoint_interval",), t.checkpoint_interval >= 1, "train.checkpoint_interval must be >= 1"),
         (("train.updates_per_step",), t.updates_per_step >= 1, "train.updates_per_step must be >= 1"),
-        (("train.max_tokens_per_micro_batch",), t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= 1,
+        (("train.max_tokens_per_micro_batch",),
+         t.max_tokens_per_micro_batch is None or t.max_tokens_per_micro_batch >= 1,
          "train.max_tokens_per_micro_batch must be >= 1 (or null)"),
         (("train.max_bad_steps",), t.max_bad_steps >= 1, "train.max_bad_steps must be >= 1"),
         (("train.sync_bucket_mb",), t.sync_bucket_mb >= 1, "train.sync_bucket_mb must be >= 1"),
-        (("train.cpu_threads",), t.cpu_threads is None or t.cpu_threads >= 1, "train.cpu_threads must be >= 1 (or null)"),
+        (("train.cpu_threads",), t.cpu_threads is None or t.cpu_threads >= 1,
+         "train.cpu_threads must be >= 1 (or null)"),
         (("rollout.max_new_tokens",), ro.max_new_tokens >= 1, "rollout.max_new_tokens must be >= 1"),
         (("rollout.max_batch_sequences",), ro.max_batch_sequences >= 1, "rollout.max_batch_sequences must be >= 1"),
         (("rollout.gpu_memory_utilization",), 0 < ro.gpu_memory_utilization < 1,
@@ -49,6 +53,8 @@ def _rules(r: Recipe) -> list[tuple[tuple[str, ...], bool, str]]:
         (("algo.overlong_buffer", "rollout.max_new_tokens"),
          0 <= a.overlong_buffer < ro.max_new_tokens or a.overlong_buffer == 0,
          "algo.overlong_buffer must be >= 0 and < rollout.max_new_tokens"),
+        (("algo.policy_loss", "algo.loss_agg"), a.policy_loss != "gspo" or a.loss_agg == "seq_mean",
+         "algo.policy_loss=gspo is a per-sequence objective: it needs algo.loss_agg=seq_mean"),
         (("algo.tis_cap",), a.tis_cap is None or a.tis_cap > 0, "algo.tis_cap must be > 0 (or null)"),
         (("reward.timeout_s",), rw.timeout_s > 0, "reward.timeout_s must be > 0"),
         (("reward.workers",), rw.workers >= 1, "reward.workers must be >= 1"),
@@ -67,7 +73,6 @@ def _rules(r: Recipe) -> list[tuple[tuple[str, ...], bool, str]]:
 def _hf_backbone(r: Recipe):
     """The numbers of model.hf_path/config.json when it holds a readable Qwen2.5-VL config (the
     model builder reads the same file), else None: the backbones table decides."""
-    from megammr.models.backbones import Backbone
     cfg = os.path.join(r.model.hf_path or "", "config.json")
     if not r.model.hf_path or not os.path.isfile(cfg):
         return None
@@ -80,8 +85,7 @@ def _hf_backbone(r: Recipe):
 
 def _model_rules(r: Recipe) -> list[tuple[tuple[str, ...], str]]:
     """(keys, message) of what the backbone cannot do: an unknown name, a TP or PP size that does
-    not split its heads, MLP, vocabulary or layers (models.backbones.check_parallel_layout)."""
-    from megammr.models.backbones import BACKBONES
+    not split its heads, MLP, vocabulary or layers (backbones.check_parallel_layout)."""
     name, tp, pp = r.model.backbone, r.parallel.tp, r.parallel.pp
     if name not in BACKBONES:
         close = difflib.get_close_matches(name, list(BACKBONES), n=1, cutoff=0.3)
@@ -100,7 +104,6 @@ def _model_rules(r: Recipe) -> list[tuple[tuple[str, ...], str]]:
 
 
 def _layout_problem(bb, tp: int, pp: int) -> Optional[str]:
-    from megammr.models.backbones import check_parallel_layout
     try:
         check_parallel_layout(bb, tp, pp)
     except ValueError as e:

@@ -10,6 +10,9 @@ default-recipe model (megammr.models.tiny writes it in HF format).
 `Backbone.from_hf_config` reads any HF config (the flat hub format with `rope_scaling`, or the
 transformers-5 nested `text_config` format), so a checkpoint directory is the source of truth
 once it exists; the table is for building models without one (meta-device sizing, random init).
+
+Pure data and arithmetic that imports nothing of megammr's (no torch, no megatron): it sits below
+megammr.config, whose rules read it, and below megammr.models, which builds on it.
 """
 from __future__ import annotations
 
@@ -191,7 +194,7 @@ def get_backbone(name: str) -> Backbone:
 
 def check_parallel_layout(bb: Backbone, tp: int, pp: int) -> None:
     """ValueError unless TP x PP can split `bb`. Pure arithmetic (no torch, no megatron): recipe
-    loading runs it (megammr.config), and so does the model builder."""
+    loading runs it (megammr.config.rules), and so does the model builder."""
     if tp < 1 or pp < 1:
         raise ValueError(f"tensor- and pipeline-parallel sizes must be >= 1, got tp={tp} pp={pp}")
     if bb.num_heads % tp or bb.num_kv_heads % tp:
