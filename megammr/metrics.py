@@ -3,8 +3,9 @@ OUTPUT_DIR/tensorboard (when the optional tensorboard package is installed), Wei
 (train.wandb_project, optional) and what a user watches on stdout: a progress bar per phase on a
 terminal, a plain line every train.log_interval steps elsewhere (Slurm logs, CI).
 
-Written by global rank 0 only; the trainer reduces the numbers over ranks before they get here.
-Keys are documented in the README ("Metrics").
+A sink: it writes the rows it is given and computes none. Written by global rank 0 only; the
+rows are reduced over ranks before they get here (megammr.train.report). Keys are documented in
+the README ("Metrics").
 """
 from __future__ import annotations
 
@@ -91,25 +92,16 @@ def wandb_missing_message() -> Optional[str]:
 
 def _wandb(output_dir: str, project: str, name: str, config: dict, group: Optional[str] = None):
     """A W&B run for this phase, imported only here. Its id is derived from the output directory, so a
-    resumed phase continues the same run (W&B ignores the re-logged steps after the checkpoint)."""
-    from megammr.config import RecipeError
+    resumed phase continues the same run (W&B ignores the re-logged steps after the checkpoint).
+    `name`, `group`, `config`: see megammr.train.report.wandb_args."""
     try:
         import wandb
     except ImportError as e:
+        from megammr.config import RecipeError  # a recipe problem (exit code 2), like the up-front check
         raise RecipeError(wandb_missing_message() or f"train.wandb_project: importing wandb failed ({e})") from None
     run_id = hashlib.sha1(os.path.abspath(output_dir).encode()).hexdigest()[:16]
     return wandb.init(project=project, name=name, group=group, config=config, dir=output_dir, id=run_id,
                       resume="allow")
-
-
-def wandb_args(r) -> Optional[dict]:
-    """wandb.init arguments of the phase of recipe `r`, or None when train.wandb_project is not set.
-    The runs of one curriculum share a group named after its run directory."""
-    if not r.train.wandb_project:
-        return None
-    from megammr.config import to_dict
-    root = os.path.basename(os.path.dirname(os.path.abspath(r.train.output_dir)))
-    return {"project": r.train.wandb_project, "name": f"{root}/{r.phase.name}", "group": root, "config": to_dict(r)}
 
 
 class Progress:
@@ -186,65 +178,3 @@ def summary(m: dict, total: int, eta: float) -> str:
 def _clock(seconds: float) -> str:
     m, s = divmod(int(round(seconds)), 60)
     return f"{m}:{s:02d}"
-
-
-def step_metrics(parts, step: int, stats, updates, t: dict, skipped_total: int) -> dict:
-    """Reduce this step's numbers over all ranks with one all-reduce; every rank gets the result.
-
-    Experience sums come from each model-parallel source rank (one per DP rank); loss sums from
-    tensor rank 0 of each last pipeline stage; so each contribution is counted exactly once.
-    """
-    import torch
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
-    from megammr.train.experience import ExperienceStats
-    from megammr.train.step import SUM_KEYS
-
-    exp_keys = [f for f in vars(ExperienceStats()) if f not in ("time_generate", "time_reward")]
-    is_src = parts.experience.is_src
-    owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
-    vec = [float(getattr(stats, k)) if is_src else 0.0 for k in exp_keys]
-    for u in updates:
-        vec += [u.sums[k] if owner else 0.0 for k in SUM_KEYS]
-    x = torch.tensor(vec, dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        x = x.to(dev)
-        dist.all_reduce(x)
-        x = x.cpu()
-    e = dict(zip(exp_keys, x[:len(exp_keys)].tolist()))
-    per_update = [dict(zip(SUM_KEYS, x[len(exp_keys) + i * len(SUM_KEYS):][:len(SUM_KEYS)].tolist()))
-                  for i in range(len(updates))]
-    tok = sum(u["tokens"] for u in per_update) or 1.0
-    n = e["samples"] or 1.0
-
-    def mean_over_tokens(key):
-        return sum(u[key] for u in per_update) / tok
-
-    step_time = t["sync"] - t["start"]
-    synced = parts.sync.timings if parts.sync is not None else {}  # this rank's part of the weight sync
-    return {
-        "step": step,
-        "reward/mean": e["reward"] / n, "reward/accuracy": e["accuracy"] / n, "reward/format": e["format"] / n,
-        "response/length_mean": e["response_tokens"] / n, "response/clip_frac": e["truncated"] / n,
-        "loss": sum(u["loss"] / max(u["count"], 1.0) for u in per_update) / len(per_update),
-        "grad_norm": sum(u.grad_norm for u in updates) / len(updates),
-        "lr": parts.optimizer.param_groups[0]["lr"],
-        "kl": mean_over_tokens("kl"), "entropy": mean_over_tokens("entropy"),
-        "policy/clip_frac": mean_over_tokens("clip"), "logp_diff/rollout_vs_train": mean_over_tokens("logp_diff"),
-        "batch/pad_frac": 1.0 - sum(u["real_positions"] for u in per_update) / max(sum(u["positions"] for u in per_update), 1.0),
-        "groups/dropped": int(e["groups_dropped"]), "groups/prompt_mismatch": int(e["prompt_mismatch"]),
-        "reward/failures": int(e["reward_failures"]), "samples": int(e["samples"]),
-        "samples/empty_skipped": int(e["empty_responses"]),
-        "samples/vision_token_skipped": int(e["vision_token_responses"]), "rollout/extra_rounds": int(e["extra_rounds"]),
-        "tokens_per_s": (e["prompt_tokens"] + e["response_tokens"]) / max(step_time, 1e-9),
-        "time/rollout": stats.time_generate, "time/reward": stats.time_reward,
-        "time/logprobs": t["logprobs"] - t["rollout"], "time/train": t["train"] - t["logprobs"],
-        "time/sync": t["sync"] - t["train"], "time/step": step_time,
-        "time/sync_gather": synced.get("gather_s", 0.0), "time/sync_convert": synced.get("convert_s", 0.0),
-        "time/sync_transfer": synced.get("transfer_s", 0.0), "time/sync_load": synced.get("load_s", 0.0),
-        "loss/per_update": [u["loss"] / max(u["count"], 1.0) for u in per_update],
-        "grad_norm/per_update": [u.grad_norm for u in updates],
-        "skipped_steps": skipped_total, "step_skipped": any(u.skipped for u in updates),
-    }

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from typing import Callable, Sequence
 
 import torch
 import torch.distributed as dist
@@ -19,11 +20,12 @@ import torch.distributed as dist
 from megammr import runtime
 from megammr.algo import group_advantages
 from megammr.config import Recipe, RecipeError, to_dict
-from megammr.metrics import MetricsLog, step_metrics, wandb_args
+from megammr.metrics import MetricsLog
 from megammr.plot import print_summary, read_rows
 from megammr.train import checkpoint, setup
 from megammr.train.batching import Sample, filler_micro_batch, make_micro_batches, make_packed_micro_batches
 from megammr.train.offload import offloaded
+from megammr.train.report import StageTimes, step_metrics, wandb_args
 from megammr.train.step import forward_logprobs, token_multiple, train_on
 from megammr.train.sync import export_hf
 
@@ -75,10 +77,13 @@ class Preempted(RuntimeError):
     """A stop signal arrived: the run checkpointed and exits with checkpoint.PREEMPTED_EXIT."""
 
 
-def train(recipe: Recipe, shutdown: bool = True, summary: bool = True) -> dict:
+def train(recipe: Recipe, shutdown: bool = True, summary: bool = True,
+          on_step: Sequence[Callable[[dict], None]] = ()) -> dict:
     """Run one phase (or resume it from OUTPUT_DIR/checkpoints/latest); returns the last step's metrics.
     `summary`: print the phase's summary table and write OUTPUT_DIR/summary.md at the end (a
-    curriculum writes one table for all its phases instead)."""
+    curriculum writes one table for all its phases instead).
+    `on_step`: callables run on every rank at the end of each step with its metrics row (README
+    "Metrics"), after it is logged; time/*, tokens_per_s and memory/offloaded_mb are this rank's."""
     t_begin = time.perf_counter()
     setup.check_recipe(recipe, runtime.dist_env_from(os.environ).world_size, torch.cuda.is_available())
     rt = runtime.init(recipe)
@@ -99,33 +104,34 @@ def train(recipe: Recipe, shutdown: bool = True, summary: bool = True) -> dict:
             parts.sync.sync()  # the engine starts from exactly the trainer's weights
         with checkpoint.StopRequest() as stop:
             for step in range(start, r.train.steps + 1):
-                t = {"start": time.perf_counter()}
+                t = StageTimes()
                 with offloaded(parts.model, parts.optimizer, r.train.offload_during_rollout) as freed:
                     chunks, stats = parts.experience.collect(step)
-                t["rollout"] = time.perf_counter()
+                t.rollout = time.perf_counter()
 
                 minis = micro_batches(parts, chunks)
                 attach_logprobs(parts, minis)
-                t["logprobs"] = time.perf_counter()
+                t.logprobs = time.perf_counter()
 
                 updates = [train_on(parts.model, parts.optimizer, mbs, r.algo, r.rollout.temperature) for mbs in minis]
                 for u in updates:
                     if not u.skipped:
                         parts.scheduler.step(increment=1)
-                t["train"] = time.perf_counter()
+                t.train = time.perf_counter()
 
                 if parts.sync:
                     parts.sync.sync()
-                t["sync"] = time.perf_counter()
+                t.sync = time.perf_counter()
 
                 skipped = sum(u.skipped for u in updates)
                 counters["skipped_total"] += skipped
                 counters["bad_in_row"] = counters["bad_in_row"] + 1 if skipped else 0
                 counters["wall_s"] = wall_before + time.perf_counter() - t_begin
-                last = step_metrics(parts, step, stats, updates, t, counters["skipped_total"])
-                last["time/elapsed"] = counters["wall_s"]
-                last["memory/offloaded_mb"] = freed["offloaded_mb"]
+                last = step_metrics(parts, step, stats, updates, t, skipped_total=counters["skipped_total"],
+                                    elapsed=counters["wall_s"], offloaded_mb=freed["offloaded_mb"])
                 log.log(last)
+                for hook in on_step:
+                    hook(last)
                 if counters["bad_in_row"] >= r.train.max_bad_steps:
                     raise TrainingError(f"{counters['bad_in_row']} steps in a row had a non-finite loss or grad norm "
                                         f"(train.max_bad_steps={r.train.max_bad_steps}); stopping at step {step}. "

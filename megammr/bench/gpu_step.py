@@ -33,7 +33,10 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import asdict
 from typing import Optional
+
+from megammr.rollout.base import WeightTarget
 
 # Dense tensor-core peaks (TFLOP/s, without sparsity) from NVIDIA's datasheets, by device-name substring.
 PEAK_TFLOPS = {"H200": {"bf16": 989.0, "fp8": 1979.0}, "H100": {"bf16": 989.0, "fp8": 1979.0},
@@ -102,7 +105,7 @@ def _micro_batches(bb, args, seed: int):
     return make_micro_batches(samples, bb, pad_id=0, micro_batch_size=args.micro_batch_size)
 
 
-class _GpuSink:
+class _GpuSink(WeightTarget):
     """A weight-sync target that keeps each bucket on the device (what an engine's load reads)."""
 
     def __init__(self):
@@ -169,7 +172,7 @@ def measure(args, bb, spec: str, precision: str, device_name: Optional[str]) -> 
            "skipped_updates": skipped,
            "peak_memory_gib": (torch.cuda.max_memory_allocated() / 2**30) if torch.cuda.is_available() else None}
     if sync is not None:
-        out["sync_timings"] = sync.timings
+        out["sync_timings"] = asdict(sync.timings)
         out["sync_gib"] = sync.engine.bytes / 2**30 / max(1, len(times["sync"]) + args.warmup)
     del ddp, opt, module
     if torch.cuda.is_available():
@@ -232,7 +235,7 @@ def run_vllm(args, bb, device_name) -> dict:
                                "data.max_prompt_tokens=512", "rollout.gpu_memory_utilization=0.5"])
         rt = runtime.init(r)
         try:
-            eng = VLLMEngine.from_recipe(r, rt, group=None, leader=0, is_leader=True)
+            eng = VLLMEngine.build(r, rt, group=None, leader=0, is_leader=True)
         except EngineUnavailable as e:
             return {"skipped": str(e)}
         module = build_model(bb, ModelConfig(layer_spec="local", precision="bf16"), perform_initialization=True).cuda()
@@ -248,13 +251,13 @@ def run_vllm(args, bb, device_name) -> dict:
         dt = time.perf_counter() - t0
         eng.finish_rollouts()
         toks = sum(len(ro.token_ids) for ro in ros)
-        return {"rollout_tokens": toks, "rollout_s": dt, "rollout_tokens_per_s": toks / dt, "sync_into_vllm": t}
+        return {"rollout_tokens": toks, "rollout_s": dt, "rollout_tokens_per_s": toks / dt, "sync_into_vllm": asdict(t)}
 
 
 def run(args) -> int:
     import torch
 
-    from megammr.models.backbones import get_backbone
+    from megammr.backbones import get_backbone
     if not torch.cuda.is_available() and not args.allow_cpu:
         print("megammr bench gpu-step: needs CUDA (no GPU is visible); on the CPU use `megammr bench step`",
               file=sys.stderr)
@@ -329,4 +332,4 @@ def print_report(rep: dict, out=None) -> None:
         v = rep["vllm"]
         print("vLLM: " + (f"skipped: {v['skipped']}" if "skipped" in v else
                           f"{v['rollout_tokens_per_s']:.0f} rollout tokens/s ({v['rollout_tokens']} tokens in "
-                          f"{v['rollout_s']:.2f} s); sync into vLLM {v['sync_into_vllm']['time']:.2f} s"), file=out)
+                          f"{v['rollout_s']:.2f} s); sync into vLLM {v['sync_into_vllm']['total_s']:.2f} s"), file=out)

@@ -167,7 +167,7 @@ def _bench_micro_batches(recipe, step_prompts: list[list[dict]]) -> list[list]:
     (random ordinary tokens): the padded shapes the trainer computes on."""
     import torch
 
-    from megammr.models.backbones import Backbone
+    from megammr.backbones import Backbone
     from megammr.models.processor import load_processor
     from megammr.train.batching import Sample, make_micro_batches
 
@@ -201,24 +201,6 @@ def _as_dicts(batches) -> list[list[dict]]:
 
 
 # ----------------------------------------------------------------------------- 1. megammr
-@contextlib.contextmanager
-def _step_ends():
-    """Wall-clock time of every metrics-log call of the trainer (one per step), with the metrics."""
-    from megammr import metrics
-    rec: list[tuple[float, dict]] = []
-    orig = metrics.MetricsLog.log
-
-    def log(self, m):
-        rec.append((time.perf_counter(), dict(m)))
-        return orig(self, m)
-
-    metrics.MetricsLog.log = log
-    try:
-        yield rec
-    finally:
-        metrics.MetricsLog.log = orig
-
-
 def run_megammr(recipe, prompts: list[dict]) -> dict:
     from megammr.trainer import train
 
@@ -230,19 +212,17 @@ def run_megammr(recipe, prompts: list[dict]) -> dict:
     log_path = os.path.join(out_dir, "bench-train.log")
     load_before = loadavg()
     t0 = time.perf_counter()
-    with _step_ends() as rec, open(log_path, "w") as logf, contextlib.redirect_stdout(logf):
-        train(recipe)
+    rec: list[tuple[float, dict]] = []  # (wall clock at the end of each step, its metrics)
+    with open(log_path, "w") as logf, contextlib.redirect_stdout(logf):
+        train(recipe, on_step=[lambda m: rec.append((time.perf_counter(), dict(m)))])
     total = time.perf_counter() - t0
-    if not rec:  # the trainer logs some other way: fall back to its metrics file (no wall intervals)
-        with open(os.path.join(out_dir, "metrics.jsonl")) as f:
-            rec = [(None, json.loads(line)) for line in f if line.strip()]
     per, n = recipe.train.prompts_per_step, recipe.rollout.n
     longest = max(len(p["ids"]) for p in prompts)
     steps, prev = [], t0
     for i, (t, m) in enumerate(rec):
         response = m.get("response/length_mean", 0.0) * m.get("samples", 0)
         row = {"step": m.get("step", i + 1), **{f"{k}_s": m.get(f"time/{k}") for k in STAGES},
-               "step_s": m.get("time/step"), "wall_s": (t - prev) if (t is not None and prev is not None) else None,
+               "step_s": m.get("time/step"), "wall_s": t - prev,
                "generated_tokens": response, "samples": m.get("samples"),
                "prompt_tokens": sum(len(p["ids"]) for p in prompts[i * per:(i + 1) * per]) * n}
         row["other_s"] = (row["step_s"] - sum(row[f"{k}_s"] or 0.0 for k in STAGES)) if row["step_s"] else None

@@ -1,30 +1,18 @@
-"""Rollout engines behind one protocol: `generate(prompts, n, sampling) -> list[Rollout]`.
+"""Rollout engines behind one interface, `RolloutEngine` (megammr.rollout.base): `generate(prompts,
+n, sampling) -> list[Rollout]` plus the weight-sync and end-of-rollout hooks the trainer calls.
 
-`resolve_engine(name, cuda, vllm_installed)` turns the recipe's rollout.engine into the engine a
-run uses: the transformers engine (CPU, or a GPU for debugging;
-`TransformersEngine.from_pretrained(hf_dir, max_batch_sequences=...)`) or the vLLM engine (GPU,
-colocated with the trainer; `VLLMEngine.from_recipe`, megammr.rollout.vllm_engine). The trainer
-builds its engine in megammr.train.setup.build; `megammr eval` and tools/caption.py build their
-own. Neither transformers nor vLLM is imported until an engine is used.
+megammr.rollout.registry names the engines a recipe can pick (`rollout.engine`), resolves `auto`
+(`resolve_engine(name, cuda)`), and checks a recipe against the engine (`check_engine`): the
+transformers engine (CPU, or a GPU for debugging; `TransformersEngine.from_pretrained(hf_dir,
+max_batch_sequences=...)`) and the vLLM engine (GPU, colocated with the trainer; megammr.rollout.vllm_engine).
+The trainer builds its engine through the registry in megammr.train.setup.build; `megammr eval`
+and tools/caption.py build their own. Neither transformers nor vLLM is imported until an engine is used.
 """
-from megammr.rollout.base import Rollout, RolloutEngine, RolloutPrompt, SamplingParams
+from megammr.rollout.base import Rollout, RolloutEngine, RolloutPrompt, SamplingParams, WeightTarget
+from megammr.rollout.registry import ENGINES, check_engine, engine_class, resolve_engine
 
-__all__ = ["Rollout", "RolloutEngine", "RolloutPrompt", "SamplingParams", "TransformersEngine", "VLLMEngine",
-           "resolve_engine"]
-
-
-def resolve_engine(name: str, cuda: bool, vllm_installed: bool) -> tuple[str, str]:
-    """(engine, note): `auto` is vLLM with CUDA when vLLM is installed, else transformers (the
-    note says why, for the log); `vllm` and `transformers` are taken as given (setup.check_recipe
-    refuses vllm without CUDA or the package)."""
-    if name != "auto":
-        return name, ""
-    if cuda and vllm_installed:
-        return "vllm", ""
-    if cuda:
-        return "transformers", ('rollout.engine=auto: vLLM is not installed (pip install -e ".[gpu]"), '
-                                "using the transformers engine (slow)")
-    return "transformers", ""
+__all__ = ["ENGINES", "Rollout", "RolloutEngine", "RolloutPrompt", "SamplingParams", "TransformersEngine",
+           "VLLMEngine", "WeightTarget", "check_engine", "engine_class", "resolve_engine"]
 
 
 def __getattr__(name):

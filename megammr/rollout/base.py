@@ -1,15 +1,18 @@
-"""The rollout-engine protocol: `generate(prompts, n, sampling) -> rollouts`, plain dataclasses.
+"""The rollout-engine interface: `RolloutEngine` (every hook the trainer calls, with no-op
+defaults) and the plain dataclasses that cross it.
 
-Engines (transformers on CPU here; vLLM on GPU with the trainer) take rendered chat prompts
+Engines (transformers on CPU; vLLM on GPU with the trainer) take rendered chat prompts
 (one <|image_pad|> per image, as megammr.data.prompts renders them) plus PIL images, and return
 one Rollout per (prompt, sample) in prompt-major order: rollouts[i * n + j] is sample j of
 prompt i. Token ids and per-token log-probs come back with the text because the trainer needs
 them (old-policy log-probs, truncated importance sampling against the engine).
+
+Which engine a recipe gets, and what each refuses, is megammr.rollout.registry.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, ClassVar, Iterable, Optional, Sequence
 
 
 @dataclass
@@ -58,20 +61,85 @@ class Rollout:
     prompt_token_ids: list[int] = field(default_factory=list, repr=False)  # image pads expanded
 
 
-@runtime_checkable
-class RolloutEngine(Protocol):
-    """`generate` is the protocol. The trainer also calls these when an engine has them:
+class WeightTarget:
+    """What a weight sync (megammr.train.sync.WeightSync) writes into: a rollout engine, or the HF
+    export's safetensors writer. Per sync, on every rank that holds the target:
+    begin_weight_update(), update_weights(bucket) for each bucket, finish_weight_update()."""
 
-    update_weights(named) -> int      one bucket of (HF checkpoint name, full tensor) pairs
-    begin_weight_update() / finish_weight_update()
-                                      around a sync's buckets (vLLM: wake the weights; afterwards
-                                      post-process, check every parameter was written, reset caches)
-    collective = True                 every rank of the engine's model-parallel group holds an
-                                      engine: the source calls generate, the others call
-                                      follow_rollouts() until the source calls finish_rollouts()
-    finish_rollouts()                 on the source after a step's generate calls (vLLM: release
-                                      the followers, sleep until the next sync)
+    def begin_weight_update(self) -> None:
+        """Before a sync's first bucket (vLLM: wake the weights)."""
+
+    def update_weights(self, named: Iterable[tuple[str, Any]]) -> int:
+        """Load one bucket of (HF checkpoint name, full tensor) pairs; returns how many were loaded."""
+        raise NotImplementedError
+
+    def finish_weight_update(self) -> None:
+        """After a sync's last bucket (vLLM: post-process, check every parameter was written,
+        reset the caches that hold results of the old weights)."""
+
+
+class RolloutEngine(WeightTarget):
+    """A rollout engine: `generate`, the weight-sync hooks, the end-of-rollout hooks, and what the
+    registry and megammr.train.setup need to know before one exists (class attributes and
+    classmethods: checked and built from the recipe, never by branching on the engine's name).
+
+    The trainer calls, per step: generate (source rank; followers run follow_rollouts), then
+    finish_rollouts on the source; at every weight sync begin_weight_update / update_weights /
+    finish_weight_update. An engine implements generate, update_weights and build, and overrides
+    what else it needs; the other defaults do nothing.
     """
 
+    label: ClassVar[str] = ""               # in messages: "the {label} engine", "a {label} setting"
+    # Every rank of the model-parallel group holds an engine (vLLM's tensor-parallel group is
+    # Megatron's): the source calls generate, the others call follow_rollouts() until the source
+    # calls finish_rollouts(). Otherwise the engine lives on the group's source rank only.
+    collective: ClassVar[bool] = False
+    # Built before Megatron allocates the model: vLLM claims a share of the whole GPU's memory
+    # (rollout.gpu_memory_utilization) when it starts, which it cannot do once the trainer holds it.
+    build_before_model: ClassVar[bool] = False
+    # rollout.* fields only this engine honours: another engine refuses them when set away from
+    # their defaults (megammr.rollout.registry.check_engine).
+    settings: ClassVar[tuple[str, ...]] = ()
+    caveat: ClassVar[str] = ""              # said when rollout.engine=auto falls back to it ("slow")
+
+    # ------------------------------------------------------------------ before an engine exists
+    @classmethod
+    def available(cls, cuda: bool) -> tuple[bool, str]:
+        """(whether rollout.engine=auto may pick it on this machine, why not): the reason is for the
+        log, "" when nothing is worth saying (no GPU for a GPU engine on a CPU machine)."""
+        return True, ""
+
+    @classmethod
+    def check(cls, recipe, cuda: bool) -> list[str]:
+        """What of the recipe this engine cannot honour on this machine: one line per problem."""
+        return []
+
+    @classmethod
+    def warnings(cls, recipe, cuda: bool) -> list[str]:
+        """What the run should be told but need not refuse (e.g. an untested library version)."""
+        return []
+
+    @classmethod
+    def build(cls, recipe, rt, *, group, leader: int, is_leader: bool) -> "RolloutEngine":
+        """The engine of this rank. rt: megammr.runtime's Runtime (device, launcher env); group: the
+        model-parallel group, leader: the global rank of its source, is_leader: this rank is it."""
+        raise NotImplementedError(f"{cls.__name__}.build")
+
+    # ------------------------------------------------------------------ generation
     def generate(self, prompts: Sequence[Any], n: int, sampling: SamplingParams) -> list[Rollout]:
-        ...
+        raise NotImplementedError
+
+    def follow_rollouts(self) -> int:
+        """Collective engines, non-source ranks: run the source's generate calls until it calls
+        finish_rollouts(); returns how many."""
+        return 0
+
+    def finish_rollouts(self) -> None:
+        """Source rank, after a step's generate calls (vLLM: release the followers, sleep until the
+        next sync)."""
+
+    # ------------------------------------------------------------------ weight sync
+    def weight_names(self) -> Optional[set[str]]:
+        """The HF checkpoint names a full sync must cover, or None when the engine cannot list them
+        up front (it then checks coverage itself in finish_weight_update)."""
+        return None

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from megammr.models.mapping import normalize_hf_name
-from megammr.rollout.base import Rollout, SamplingParams
+from megammr.rollout.base import Rollout, RolloutEngine, SamplingParams
 
 
 class _GumbelSampler:
@@ -54,7 +54,13 @@ def _row_seed(seed: int, prompt_index: int, sample_index: int) -> int:
     return int(np.random.SeedSequence([seed % 2**64, prompt_index, sample_index]).generate_state(2, np.uint64)[0] >> 1)
 
 
-class TransformersEngine:
+class TransformersEngine(RolloutEngine):
+    """Not collective (the model-parallel source rank holds it, built after the model); it has no
+    rollout.* settings of its own (the registry refuses other engines' ones) and runs anywhere."""
+
+    label = "transformers"
+    caveat = "slow"  # said when rollout.engine=auto falls back to it on a GPU machine
+
     def __init__(self, model, processor, *, max_batch_sequences: int, device: str = "cpu",
                  min_pixels: Optional[int] = None, max_pixels: Optional[int] = None):
         """max_batch_sequences: sequences per generate() call (a recipe's rollout.max_batch_sequences)."""
@@ -94,6 +100,14 @@ class TransformersEngine:
         from megammr.models.processor import load_processor
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
         return cls(model, load_processor(path), device=device, **kw)
+
+    @classmethod
+    def build(cls, recipe, rt, *, group, leader: int, is_leader: bool) -> "TransformersEngine":
+        """The trainer's engine, on its device, in the training precision (FP8 training keeps bf16 weights)."""
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[recipe.model.precision]
+        return cls.from_pretrained(recipe.model.hf_path, device=str(rt.device), dtype=dtype,
+                                   max_batch_sequences=recipe.rollout.max_batch_sequences,
+                                   min_pixels=recipe.data.min_pixels, max_pixels=recipe.data.max_pixels)
 
     # ------------------------------------------------------------------ weight sync
     def weight_names(self) -> set[str]:

@@ -1,6 +1,7 @@
 """Rollouts with vLLM, colocated with Megatron in the same SPMD processes (GPU only).
 
-Nothing here imports vllm at module import: the engine is built by `VLLMEngine.from_recipe`,
+Nothing here imports vllm at module import (it is an optional GPU dependency; the registry
+imports this module on CPU machines too): the engine is built by `VLLMEngine.build`,
 which calls `require_vllm()` (a one-line error naming the extra when it cannot be imported). All
 vLLM calls go through the `llm` object (vllm.LLM) and the `sampling_cls` (vllm.SamplingParams)
 the engine is given, so everything else (request building, log-prob extraction, the sleep/wake
@@ -12,7 +13,7 @@ external launcher, logprobs_mode):
   `distributed_executor_backend="external_launcher"`: vLLM then runs its engine core in this
   process and splits the torch.distributed world into groups of `tensor_parallel_size`
   consecutive ranks, which is Megatron's tensor-parallel group (parallel.pp = 1, rollout.tp =
-  parallel.tp; megammr.train.setup.check_recipe refuses other layouts). `load_format="dummy"`:
+  parallel.tp; `VLLMEngine.check` refuses other layouts). `load_format="dummy"`:
   the first weight sync writes every weight. Then `sleep(level=2)` straight away.
 - Every rank of a vLLM TP group must call generate with identical prompts and seeds. The
   group's source rank (tensor rank 0) holds the data; it broadcasts each generate call's inputs to
@@ -37,7 +38,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
-from megammr.rollout.base import Rollout, RolloutPrompt, SamplingParams
+from megammr.rollout.base import Rollout, RolloutEngine, RolloutPrompt, SamplingParams
 
 INSTALL_HINT = 'pip install -e ".[gpu]"'
 # The supported range [min, max), pinned the same in pyproject's `gpu` extra: below min a feature
@@ -227,10 +228,13 @@ def stop_token_ids(hf_path: str, tokenizer) -> list[int]:
 
 
 # ----------------------------------------------------------------------------- the engine
-class VLLMEngine:
-    """The RolloutEngine protocol over a colocated vllm.LLM, plus the trainer's lifecycle hooks."""
+class VLLMEngine(RolloutEngine):
+    """RolloutEngine over a colocated vllm.LLM."""
 
+    label = "vLLM"
     collective = True  # every rank of the vLLM TP group calls generate (the followers via follow_rollouts)
+    build_before_model = True  # vLLM claims gpu_memory_utilization of the whole GPU at start
+    settings = ("gpu_memory_utilization", "tp", "enforce_eager", "max_images", "sleep_level")
 
     def __init__(self, llm, sampling_cls, *, stop_ids: Sequence[int], max_images: int, sleep_level: int,
                  group=None, leader: int = 0, is_leader: bool = True, vision_trainable: bool = True):
@@ -245,8 +249,43 @@ class VLLMEngine:
         self._model = None
         self.encoder_reset_available = True
 
+    # ------------------------------------------------------------------ recipe checks
     @classmethod
-    def from_recipe(cls, recipe, rt, *, group, leader: int, is_leader: bool) -> "VLLMEngine":
+    def available(cls, cuda: bool) -> tuple[bool, str]:
+        if not cuda:
+            return False, ""  # a CPU machine: the transformers engine is expected, nothing to say
+        if vllm_version() is None:
+            return False, f"vLLM is not installed ({INSTALL_HINT})"
+        return True, ""
+
+    @classmethod
+    def check(cls, recipe, cuda: bool) -> list[str]:
+        if not cuda:
+            return ["rollout.engine=vllm needs CUDA (no GPU is visible); use rollout.engine=transformers on CPU"]
+        version = vllm_version()
+        if version is None:
+            errors = [f"rollout.engine=vllm: vLLM is not installed ({INSTALL_HINT}), "
+                      "or use rollout.engine=transformers"]
+        else:
+            errors = version_problems(version)[0]
+        r = recipe
+        if r.parallel.pp > 1:
+            errors.append("rollout.engine=vllm with parallel.pp > 1: the colocated engine needs its tensor-parallel "
+                          "group to be Megatron's (use pp=1, or rollout.engine=transformers)")
+        if r.rollout.tp not in (None, r.parallel.tp):
+            errors.append(f"rollout.tp={r.rollout.tp} with parallel.tp={r.parallel.tp}: the colocated vLLM engine "
+                          "uses Megatron's tensor-parallel group (leave rollout.tp unset or equal to parallel.tp)")
+        if r.rollout.top_k > 0 or r.rollout.top_p < 1.0:
+            errors.append("rollout.top_k/top_p with rollout.engine=vllm: vLLM's processed log-probs are of the "
+                          "truncated distribution, the trainer recomputes the full one (use top_k=-1, top_p=1)")
+        return errors
+
+    @classmethod
+    def warnings(cls, recipe, cuda: bool) -> list[str]:
+        return version_problems(vllm_version())[1] if cuda else []
+
+    @classmethod
+    def build(cls, recipe, rt, *, group, leader: int, is_leader: bool) -> "VLLMEngine":
         """Build vllm.LLM in this process (every rank of the world, before Megatron allocates)."""
         import torch
         if not torch.cuda.is_available():

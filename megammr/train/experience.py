@@ -6,10 +6,10 @@ groups are broadcast to the other ranks of the group, so every TP/PP rank trains
 samples and a layout change never changes the rollouts. Each data-parallel rank owns whole
 groups (all n samples of a prompt): advantages need no communication.
 
-A colocated vLLM engine (`engine.collective`) lives on every rank of the group, and vLLM needs
-every rank of its tensor-parallel group to generate with the same inputs: the source sends each
-generate call to the others (they run `engine.follow_rollouts()`), and the source's
-`engine.finish_rollouts()` ends the step's generation (the engine then sleeps until the next sync).
+A collective engine (`engine.collective`: vLLM, colocated) lives on every rank of the group, and
+vLLM needs every rank of its tensor-parallel group to generate with the same inputs: the source
+sends each generate call to the others (they run `engine.follow_rollouts()`), and the source's
+`engine.finish_rollouts()` ends the step's generation (vLLM then sleeps until the next sync).
 
 Replay: with train.save_rollouts every step's groups are written to
 OUTPUT_DIR/rollouts/step_NNNNNN.dpR-of-D.pt; rollout.replay=DIR reads them back instead of
@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from megammr import megatron_cpu
 from megammr.rewards.core import RewardItem
-from megammr.rollout.base import SamplingParams
+from megammr.rollout.base import RolloutEngine, SamplingParams
 
 
 @dataclass
@@ -124,6 +124,8 @@ class Experience:
 
     def __init__(self, recipe, *, engine, loader, pool, dp_rank: int, dp_size: int, mp_group, src: int,
                  is_src: bool, vision_token_ids: tuple = ()):
+        if engine is not None and not isinstance(engine, RolloutEngine):
+            raise TypeError(f"Experience: {type(engine).__name__} is not a megammr.rollout.base.RolloutEngine")
         self.r = recipe
         self.engine, self.loader, self.pool = engine, loader, pool
         self.dp_rank, self.dp_size = dp_rank, dp_size
@@ -141,10 +143,9 @@ class Experience:
             try:
                 box = [self._collect_here(step)]
             finally:
-                finish = getattr(self.engine, "finish_rollouts", None)
-                if callable(finish):
-                    finish()  # colocated vLLM: release the followers, sleep until the next sync
-        elif getattr(self.engine, "collective", False) and not self.r.rollout.replay:
+                if self.engine is not None:  # None in replay
+                    self.engine.finish_rollouts()  # vLLM: release the followers, sleep until the next sync
+        elif self.engine is not None and self.engine.collective and not self.r.rollout.replay:
             self.engine.follow_rollouts()  # run the source's generate calls with the same inputs
         if dist.is_initialized() and dist.get_world_size(self.mp_group) > 1:
             dist.broadcast_object_list(box, src=self.src, group=self.mp_group)

@@ -12,8 +12,9 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
-from megammr.config import Recipe, RecipeError, RolloutConfig
-from megammr.config_rules import layout_errors
+from megammr.config import Recipe, RecipeError
+from megammr.config.rules import layout_errors
+from megammr.rollout.registry import check_engine, engine_class, resolve_engine
 
 
 def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
@@ -69,47 +70,16 @@ def _launcher_rank() -> int:
         return 0
 
 
-VLLM_ONLY = ("gpu_memory_utilization", "tp", "enforce_eager", "max_images", "sleep_level")
-
-
-def rollout_engine(r: Recipe, cuda: bool) -> tuple[str, str]:
-    """(engine name, note): the recipe's rollout.engine resolved for this machine."""
-    from megammr.rollout import resolve_engine
-    from megammr.rollout.vllm_engine import vllm_version
-    return resolve_engine(r.rollout.engine, cuda, vllm_version() is not None)
-
-
 def _check_engine(r: Recipe, cuda: bool, errors: list, notes: list) -> str:
-    engine, note = rollout_engine(r, cuda)
+    """The engine's own rules live with the engine (megammr.rollout.registry.check_engine)."""
+    engine, note = resolve_engine(r.rollout.engine, cuda)
     if note:
         notes.append(note)
     if r.rollout.replay:
         return engine  # no engine is built
-    if engine == "transformers":
-        defaults = RolloutConfig()
-        for name in VLLM_ONLY:
-            if getattr(r.rollout, name) != getattr(defaults, name):
-                errors.append(f"rollout.{name} is a vLLM setting: the transformers engine cannot honour it "
-                              f"(remove it or set rollout.engine=vllm)")
-        return engine
-    from megammr.rollout.vllm_engine import INSTALL_HINT, version_problems, vllm_version
-    if not cuda:
-        errors.append("rollout.engine=vllm needs CUDA (no GPU is visible); use rollout.engine=transformers on CPU")
-        return engine
-    bad, warnings = version_problems(vllm_version())
+    bad, warnings = check_engine(r, engine, cuda)
     errors += bad
     notes += [f"warning: {w}" for w in warnings]
-    if bad and "not installed" in bad[0]:
-        errors[-1] = f"rollout.engine=vllm: vLLM is not installed ({INSTALL_HINT}), or use rollout.engine=transformers"
-    if r.parallel.pp > 1:
-        errors.append("rollout.engine=vllm with parallel.pp > 1: the colocated engine needs its tensor-parallel group "
-                      "to be Megatron's (use pp=1, or rollout.engine=transformers)")
-    if r.rollout.tp not in (None, r.parallel.tp):
-        errors.append(f"rollout.tp={r.rollout.tp} with parallel.tp={r.parallel.tp}: the colocated vLLM engine "
-                      "uses Megatron's tensor-parallel group (leave rollout.tp unset or equal to parallel.tp)")
-    if r.rollout.top_k > 0 or r.rollout.top_p < 1.0:
-        errors.append("rollout.top_k/top_p with rollout.engine=vllm: vLLM's processed log-probs are of the "
-                      "truncated distribution, the trainer recomputes the full one (use top_k=-1, top_p=1)")
     return engine
 
 
@@ -137,7 +107,7 @@ def gpu_model_problems(r: Recipe, cuda: bool) -> list[str]:
 
 
 def _backbone_if_known(r: Recipe):
-    from megammr.models.backbones import Backbone, get_backbone
+    from megammr.backbones import Backbone, get_backbone
     path = os.path.join(r.model.hf_path or "", "config.json")
     try:
         if r.model.hf_path and os.path.isfile(path):
@@ -157,7 +127,7 @@ def prepare_tiny(r: Recipe, log=print) -> None:
     """Create what the tiny default needs when absent (rank 0 only; the caller synchronises):
     bundled data for a dataset path named phase1/2/3 (tools/make_synthetic_data.py), and at
     model.hf_path a random tiny Qwen2.5-VL given a short supervised format warm-up on the
-    phase-1 data (megammr.models.warmup: without it a random model never writes the answer
+    phase-1 data (megammr.warmup: without it a random model never writes the answer
     format, every reward is 0 and GRPO has nothing to learn from)."""
     import re
     import tempfile
@@ -182,7 +152,7 @@ def prepare_tiny(r: Recipe, log=print) -> None:
             log(f"megammr train: bundled data ready in {time.perf_counter() - t0:.1f} s")
     if need_model:
         from megammr.models.tiny import write_tiny_model
-        from megammr.models.warmup import format_warmup
+        from megammr.warmup import format_warmup
         root = sorted(data_roots)[-1]
         log(f"megammr train: preparing the tiny model in {r.model.hf_path} (random, then a supervised format "
             f"warm-up on {root}/raw/phase1.jsonl)")
@@ -201,7 +171,8 @@ class Parts:
     optimizer: Any
     scheduler: Any
     ref_model: Optional[Any]   # frozen reference policy (algo.kl_coef > 0), never synced
-    engine: Optional[Any]      # rollout engine (model-parallel source rank, not in replay)
+    engine: Optional[Any]      # RolloutEngine: on the model-parallel source rank (every rank of the
+                               # group when it is collective); None in replay
     sync: Optional[Any]
     experience: Any
     pad_id: int
@@ -279,8 +250,17 @@ def build_optimizer(r: Recipe, module):
     return ddp, opt, sched
 
 
+def build_engine(cls, r: Recipe, rt, *, before_model: bool, group, src: int, is_src: bool):
+    """This rank's engine of class `cls` when build() makes it at this point, else None.
+    A collective engine lives on every rank of the model-parallel group, any other on its source
+    rank; build_before_model engines are made before Megatron allocates, the others after the model."""
+    if cls is None or cls.build_before_model != before_model or not (cls.collective or is_src):
+        return None
+    return cls.build(r, rt, group=group, leader=src, is_leader=is_src)
+
+
 def build(r: Recipe, rt) -> Parts:
-    from megammr.models.backbones import Backbone
+    from megammr.backbones import Backbone
     from megammr.models.processor import load_processor
     from megammr.train.experience import Experience
     from megammr.train.sync import WeightSync
@@ -289,12 +269,10 @@ def build(r: Recipe, rt) -> Parts:
         bb = Backbone.from_hf_config(json.load(f), name=r.model.backbone)
     from megatron.core import parallel_state as ps
     mp_group, src, is_src = _mp_source()
-    engine_name, _ = rollout_engine(r, torch.cuda.is_available())
-    engine = None
-    if engine_name == "vllm" and not r.rollout.replay:
-        # Before Megatron allocates: vLLM claims gpu_memory_utilization of the whole GPU at start.
-        from megammr.rollout.vllm_engine import VLLMEngine
-        engine = VLLMEngine.from_recipe(r, rt, group=mp_group, leader=src, is_leader=is_src)
+    engine_name, _ = resolve_engine(r.rollout.engine, torch.cuda.is_available())
+    engine_cls = None if r.rollout.replay else engine_class(engine_name)
+    place = dict(group=mp_group, src=src, is_src=is_src)
+    engine = build_engine(engine_cls, r, rt, before_model=True, **place)
     from megammr.train.checkpoint import latest
     try:
         resuming = latest(r.train.output_dir) is not None
@@ -310,18 +288,14 @@ def build(r: Recipe, rt) -> Parts:
     processor = load_processor(r.model.hf_path)
     tok = processor.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
+    if engine is None:
+        engine = build_engine(engine_cls, r, rt, before_model=False, **place)
     loader = pool = None
     closers = []
     if is_src and not r.rollout.replay:
         from megammr.data.loader import PhaseDataLoader
         from megammr.rewards.pool import RewardPool
 
-        if engine_name == "transformers":
-            from megammr.rollout.hf_engine import TransformersEngine
-            dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[r.model.precision]
-            engine = TransformersEngine.from_pretrained(
-                r.model.hf_path, device=str(rt.device), dtype=dtype, max_batch_sequences=r.rollout.max_batch_sequences,
-                min_pixels=r.data.min_pixels, max_pixels=r.data.max_pixels)
         loader = PhaseDataLoader(r.data, seed=r.train.seed, dp_rank=dp_rank, dp_size=dp_size, tokenizer=tok)
         pool = RewardPool(r.reward)
         closers += [loader.close, pool.close]

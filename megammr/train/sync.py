@@ -13,9 +13,8 @@ whatever the model size. Every data-parallel replica syncs its own engine in par
 
 A colocated vLLM engine lives on every tensor rank of the first stage (its TP group is Megatron's);
 each of those ranks then converts the gathered tensors itself and loads the same buckets in
-lockstep (vLLM slices its own shard). Engines with begin_weight_update/finish_weight_update get
-them called around the buckets. Timings: gather (TP all-gather), convert (Megatron -> HF),
-load (the engine's update_weights), seconds of this rank.
+lockstep (vLLM slices its own shard). The target is a WeightTarget (megammr.rollout.base): its
+begin_weight_update / finish_weight_update are called around the buckets. Each sync's timings and counts on this rank: SyncTimes.
 """
 from __future__ import annotations
 
@@ -23,6 +22,7 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from megammr.models.mapping import (DEC, LAYER_KEYS, LM, LOCAL_ALIASES, TP_DIM, global_layer_to_hf,
                                     global_nonlayer_keys)
+from megammr.rollout.base import WeightTarget
 
 
 def _owner_stage(key: str, layer: Optional[int], num_layers: int, pp: int) -> int:
@@ -75,12 +76,27 @@ def _tp_gather(t: torch.Tensor, key: str, group, size: int) -> torch.Tensor:
     return torch.cat(parts, dim=dim)
 
 
-class WeightSync:
-    """Streams the Megatron model (unwrapped Qwen25VLModel) into `engine` (on the source rank)."""
+@dataclass
+class SyncTimes:
+    """One sync on this rank: seconds in all and per part, and tensor counts."""
+    total_s: float = 0.0
+    tensors_loaded: int = 0   # into this rank's engine
+    tensors_sent: int = 0     # broadcast from this pipeline stage to the first one
+    gather_s: float = 0.0     # TP all-gathers
+    convert_s: float = 0.0    # Megatron -> HF tensors
+    transfer_s: float = 0.0   # pipeline broadcasts (a receiver's wait for the owner included)
+    load_s: float = 0.0       # the engine's update_weights and finish_weight_update
 
-    def __init__(self, model, engine, bucket_mb: int):
+
+class WeightSync:
+    """Streams the Megatron model (unwrapped Qwen25VLModel) into `engine`, a WeightTarget (on the
+    ranks that hold one, None elsewhere)."""
+
+    def __init__(self, model, engine: Optional[WeightTarget], bucket_mb: int):
         from megatron.core import parallel_state as ps
 
+        if engine is not None and not isinstance(engine, WeightTarget):
+            raise TypeError(f"WeightSync: {type(engine).__name__} is not a megammr.rollout.base.WeightTarget")
         self.model, self.engine = model, engine
         self.bb = model.backbone
         self.bucket_bytes = int(bucket_mb) << 20
@@ -94,8 +110,8 @@ class WeightSync:
         first = f"{DEC}0."
         suffixes = {k[len(first):] for k in model.state_dict(keep_vars=True) if k.startswith(first)} or None
         self.order = tensor_order(self.bb, suffixes)
-        self.timings: dict[str, float] = {}
-        self._clock = {"gather": 0.0, "convert": 0.0, "transfer": 0.0, "load": 0.0}
+        self.timings = SyncTimes()  # of the last sync
+        self._clock = SyncTimes()
 
     def _local(self, suffix: str, layer: Optional[int]) -> torch.Tensor:
         sd = self._sd
@@ -112,14 +128,14 @@ class WeightSync:
             t0 = time.perf_counter()
             full = _tp_gather(self._local(suffix, layer), key, self.tp_group, self.tp)
             t1 = time.perf_counter()
-            self._clock["gather"] += t1 - t0
+            self._clock.gather_s += t1 - t0
             if not converts:
                 continue
             if layer is None:
                 out = {global_nonlayer_keys(self.bb)[key]: full}
             else:
                 out = global_layer_to_hf(full, self.bb, layer, key)
-            self._clock["convert"] += time.perf_counter() - t1
+            self._clock.convert_s += time.perf_counter() - t1
             yield from out.items()
 
     def _buckets(self, stage: int) -> Iterator[list[tuple[str, torch.Tensor]]]:
@@ -134,15 +150,14 @@ class WeightSync:
             yield bucket
 
     @torch.no_grad()
-    def sync(self) -> dict[str, float]:
-        """Push the current weights; returns timings (seconds) and counts of this rank."""
+    def sync(self) -> SyncTimes:
+        """Push the current weights; returns this rank's timings and counts (also kept as .timings)."""
         t0 = time.perf_counter()
         self._sd = self.model.state_dict(keep_vars=True)
-        self._clock = {"gather": 0.0, "convert": 0.0, "transfer": 0.0, "load": 0.0}
+        self._clock = SyncTimes()
         loaded, sent = 0, 0
-        begin = getattr(self.engine, "begin_weight_update", None)
-        if callable(begin):
-            begin()
+        if self.engine is not None:
+            self.engine.begin_weight_update()
         if self.stage == 0:
             for bucket in self._buckets(0):
                 if self.engine is not None:
@@ -161,19 +176,19 @@ class WeightSync:
                     loaded += loaded_now
                     sent += sent_now
         self._sd = None
-        finish = getattr(self.engine, "finish_weight_update", None)
-        if callable(finish):
+        if self.engine is not None:
             t1 = time.perf_counter()
-            finish()
-            self._clock["load"] += time.perf_counter() - t1
-        self.timings = {"time": time.perf_counter() - t0, "tensors_loaded": loaded, "tensors_sent": sent,
-                        **{f"{k}_s": v for k, v in self._clock.items()}}
+            self.engine.finish_weight_update()
+            self._clock.load_s += time.perf_counter() - t1
+        c = self._clock
+        c.total_s, c.tensors_loaded, c.tensors_sent = time.perf_counter() - t0, loaded, sent
+        self.timings = c
         return self.timings
 
     def _load(self, bucket) -> int:
         t0 = time.perf_counter()
         n = self.engine.update_weights(bucket) or len(bucket)
-        self._clock["load"] += time.perf_counter() - t0
+        self._clock.load_s += time.perf_counter() - t0
         return n
 
     def _transfer(self, mine, src: int):
@@ -188,7 +203,7 @@ class WeightSync:
         dist.broadcast_object_list(box, src=src, group=self.pp_group)
         meta = box[0]
         if meta is None:
-            self._clock["transfer"] += time.perf_counter() - t0
+            self._clock.transfer_s += time.perf_counter() - t0
             return None, 0
         dtype = meta[0][2]
         numel = sum(int(torch.Size(s).numel()) for _, s, _ in meta)
@@ -198,7 +213,7 @@ class WeightSync:
         else:
             flat = torch.empty(numel, dtype=dtype, device=dev)
         dist.broadcast(flat, src=src, group=self.pp_group)
-        self._clock["transfer"] += time.perf_counter() - t0
+        self._clock.transfer_s += time.perf_counter() - t0
         if mine is not None or self.engine is None:
             return 0, (len(meta) if mine is not None else 0)
         tensors, off = [], 0
@@ -210,7 +225,7 @@ class WeightSync:
 
 
 
-class SafetensorsWriter:
+class SafetensorsWriter(WeightTarget):
     """A weight-sync target that writes each bucket as one safetensors shard (HF checkpoint names)
     plus model.safetensors.index.json: the HF export of a phase, never the whole model in memory."""
 

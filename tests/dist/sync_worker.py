@@ -6,6 +6,7 @@ Uses the trainer's stages (setup.build, experience, train_on, WeightSync). The p
 a two-image prompt (megammr.models.parity.parity_inputs). Prints `RESULT {json}` on global rank 0.
 """
 import json
+from dataclasses import asdict
 import sys
 
 import torch
@@ -53,7 +54,7 @@ def main():
     moved_all = torch.tensor([moved])
     dist.all_reduce(moved_all, op=dist.ReduceOp.MAX)
     if dist.get_rank() == 0:
-        print("RESULT " + json.dumps(dict(cases=result, weights_moved=float(moved_all), sync=timings)), flush=True)
+        print("RESULT " + json.dumps(dict(cases=result, weights_moved=float(moved_all), sync=asdict(timings))), flush=True)
     runtime.shutdown()
 
 

@@ -15,8 +15,10 @@ import sys
 
 import torch
 
+from megammr.rollout.base import WeightTarget
 
-class Collector:
+
+class Collector(WeightTarget):
     """A rollout 'engine' that only keeps what the weight sync sends (HF checkpoint names)."""
 
     def __init__(self):

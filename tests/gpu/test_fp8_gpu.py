@@ -75,9 +75,10 @@ def test_fp8_logprobs_close_to_bf16(hf, recipe):
 
 
 def test_exported_tensors_are_bf16(hf):
+    from megammr.rollout.base import WeightTarget
     from megammr.train.sync import WeightSync
 
-    class Sink:
+    class Sink(WeightTarget):
         def __init__(self):
             self.kinds = set()
 

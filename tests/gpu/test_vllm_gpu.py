@@ -31,7 +31,7 @@ def setup(tmp_path_factory):
                                                  "rollout.max_new_tokens=32"])
     rt = helpers.init(r)
     free0 = torch.cuda.mem_get_info()[0]
-    eng = VLLMEngine.from_recipe(r, rt, group=None, leader=0, is_leader=True)
+    eng = VLLMEngine.build(r, rt, group=None, leader=0, is_leader=True)
     assert os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING") == "0"
     free_asleep = torch.cuda.mem_get_info()[0]
     model = helpers.model_from_hf(hf, "local", "bf16")
@@ -138,4 +138,4 @@ def test_sleep_level_one_and_two_give_the_same_greedy_tokens(setup):
 def test_sync_timings_are_reported(setup):
     t = setup["sync"].sync()
     setup["eng"].finish_rollouts()
-    assert t["tensors_loaded"] > 0 and {"gather_s", "convert_s", "load_s"} <= set(t)
+    assert t.tensors_loaded > 0 and min(t.gather_s, t.convert_s, t.load_s) >= 0 and t.total_s > 0

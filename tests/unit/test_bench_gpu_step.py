@@ -5,7 +5,7 @@ import subprocess
 import sys
 
 from megammr.bench.gpu_step import peak_tflops, train_flops_per_token
-from megammr.models.backbones import get_backbone
+from megammr.backbones import get_backbone
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

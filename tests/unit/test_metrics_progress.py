@@ -11,6 +11,7 @@ from megammr import metrics
 from megammr.config import load_recipe
 from megammr.metrics import MetricsLog, Progress
 from megammr.plot import summary_table, wall_seconds, write_summary
+from megammr.train.report import wandb_args
 from megammr.train.setup import check_recipe
 
 
@@ -183,7 +184,7 @@ def test_wandb_offline_run(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
     out = tmp_path / "tiny" / "phase1"
     r = load_recipe(None, [f"train.output_dir={out}", "train.wandb_project=megammr-test"])
-    args = metrics.wandb_args(r)
+    args = wandb_args(r)
     assert args["name"] == "tiny/phase1" and args["group"] == "tiny" and args["config"]["train"]["steps"] == 100
     log = MetricsLog(str(out), True, 2, 1, progress="lines", wandb=args)
     log.log(row(1))

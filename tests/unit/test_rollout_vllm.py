@@ -36,10 +36,10 @@ def test_require_vllm_absent_is_one_line_naming_the_extra(monkeypatch):
     assert "\n" not in msg and 'pip install -e ".[gpu]"' in msg and "rollout.engine=transformers" in msg
 
 
-def test_from_recipe_without_cuda_is_a_clear_error():
+def test_build_without_cuda_is_a_clear_error():
     r = load_recipe("recipes/qwen2_5_vl_3b/phase1.yaml")
     with pytest.raises(ve.EngineUnavailable, match="needs CUDA"):
-        ve.VLLMEngine.from_recipe(r, rt=None, group=None, leader=0, is_leader=True)
+        ve.VLLMEngine.build(r, rt=None, group=None, leader=0, is_leader=True)
 
 
 @pytest.mark.parametrize("version,errors,warnings", [
@@ -59,12 +59,16 @@ def test_feature_table():
 
 
 # ----------------------------------------------------------------------------- engine selection
-def test_resolve_engine():
-    assert resolve_engine("auto", cuda=False, vllm_installed=True) == ("transformers", "")
-    assert resolve_engine("auto", cuda=True, vllm_installed=True) == ("vllm", "")
-    name, note = resolve_engine("auto", cuda=True, vllm_installed=False)
+def test_resolve_engine(monkeypatch):
+    monkeypatch.setattr(ve, "vllm_version", lambda: "0.20.0")  # installed
+    assert resolve_engine("auto", cuda=False) == ("transformers", "")
+    assert resolve_engine("auto", cuda=True) == ("vllm", "")
+    monkeypatch.setattr(ve, "vllm_version", lambda: None)       # not installed
+    name, note = resolve_engine("auto", cuda=True)
     assert name == "transformers" and 'pip install -e ".[gpu]"' in note
-    assert resolve_engine("vllm", cuda=False, vllm_installed=False)[0] == "vllm"
+    assert note == ('rollout.engine=auto: vLLM is not installed (pip install -e ".[gpu]"), '
+                    "using the transformers engine (slow)")
+    assert resolve_engine("vllm", cuda=False)[0] == "vllm"
 
 
 def _recipe(tmp_path, *overrides):
@@ -188,7 +192,7 @@ HF = ["model.embed_tokens.weight", "model.layers.0.self_attn.q_proj.weight", "mo
 def _engine(level=2):
     llm = FakeLLM(HF)
     eng = ve.VLLMEngine(llm, sampling_cls, stop_ids=[77], max_images=2, sleep_level=level)
-    eng.sleep(level=2)  # as from_recipe does after building
+    eng.sleep(level=2)  # as build does after building
     return eng, llm
 
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from megammr.config import RecipeError, load_recipe
-from megammr.models.backbones import get_backbone
+from megammr.rollout.base import RolloutEngine
+from megammr.backbones import get_backbone
 from megammr.train.batching import IGNORE, Sample, make_micro_batches, plan_micro_batches
 from megammr.train.experience import Experience, Group, _split, overlong_penalty, sampling_seed
 from megammr.train.setup import check_recipe
@@ -97,7 +98,7 @@ class FakeLoader:
         return out
 
 
-class FakeEngine:
+class FakeEngine(RolloutEngine):
     """Prompt k answers '1' in every sample when k is odd, mixed answers when k is even."""
 
     def generate(self, prompts, n, sp):
