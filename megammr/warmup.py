@@ -37,7 +37,7 @@ from megammr.config import TOOLS
 # demonstration (~30 tokens with the tiny byte-level BPE) well inside a 48-token rollout budget.
 REASONING = "Let me solve it."
 
-# The warm-up's defaults live in megammr/config.py (TOOLS.warmup_*), tuned on the tiny backbone.
+# The warm-up's defaults live in megammr/config/schema.py (TOOLS.warmup_*), tuned on the tiny backbone.
 DEFAULT_STEPS, DEFAULT_LR, DEFAULT_BATCH = TOOLS.warmup_steps, TOOLS.warmup_lr, TOOLS.warmup_batch
 
 # Everything of an HF directory except the weights (and what save_pretrained writes itself).

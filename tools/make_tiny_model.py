@@ -6,7 +6,7 @@
         [--warmup-steps N] [--warmup-lr LR] [--warmup-seed 0]   # defaults: config.TOOLS
 
 With --format-warmup the random model is first written to a temporary directory, then given a short
-supervised format warm-up on the phase-1 JSONL (megammr.models.warmup): sampled at temperature 1.0
+supervised format warm-up on the phase-1 JSONL (megammr.warmup): sampled at temperature 1.0
 it then writes `<think>...</think><answer>...</answer>` part of the time, so GRPO's format and
 accuracy rewards are not all zero and the tiny run can learn. The warmed model is written to OUT.
 
@@ -21,7 +21,7 @@ import tempfile
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megammr.models.tiny import write_tiny_model  # noqa: E402
-from megammr.models.warmup import DEFAULT_LR, DEFAULT_STEPS  # noqa: E402
+from megammr.warmup import DEFAULT_LR, DEFAULT_STEPS  # noqa: E402
 
 
 def main(argv=None):
@@ -47,7 +47,7 @@ def main(argv=None):
     if not os.path.isfile(args.format_warmup):
         ap.error(f"--format-warmup {args.format_warmup}: no such file (tools/make_synthetic_data.py writes "
                  "OUT/raw/phase1.jsonl)")
-    from megammr.models.warmup import format_warmup
+    from megammr.warmup import format_warmup
 
     with tempfile.TemporaryDirectory(prefix="tiny-init-") as tmp:
         init = write_tiny_model(tmp, seed=args.seed, tie_word_embeddings=not args.untied)

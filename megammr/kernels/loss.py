@@ -1,4 +1,5 @@
-"""Fused GRPO/PPO policy loss on per-token vectors (forward and backward).
+"""Fused GRPO/PPO policy loss on per-token vectors (forward and backward): the fused twin of
+megammr.algo.losses.grpo, which is the definition (tests/unit/test_algo_losses.py holds them equal).
 
 Per token t, with ratio r = exp(logp - old_logp) and advantage A:
     pg   = max(-A r, -A clip(r, 1 - clip_low, 1 + clip_high))            (clip-higher when high > low)
@@ -20,11 +21,11 @@ from . import reference
 from .logprobs import resolve_backend
 
 
-def aggregation_weights(mask, loss_agg, seq_ids=None, normalizer=None):
-    """Per-token weights w (flat [T], fp32) such that loss = sum_t w_t l_t."""
-    f = mask.reshape(-1).float()
+def aggregation_weights(mask, loss_agg, seq_ids=None, normalizer=None, dtype=torch.float32):
+    """Per-token weights w (flat [T], fp32 unless `dtype` says) such that loss = sum_t w_t l_t."""
+    f = mask.reshape(-1).to(dtype)
     if loss_agg == "token_mean":
-        denom = torch.as_tensor(normalizer, dtype=torch.float32, device=f.device) if normalizer is not None \
+        denom = torch.as_tensor(normalizer, dtype=dtype, device=f.device) if normalizer is not None \
             else f.sum().clamp(min=1.0)
         return f / denom
     if loss_agg != "seq_mean":
@@ -37,9 +38,9 @@ def aggregation_weights(mask, loss_agg, seq_ids=None, normalizer=None):
     if seq.shape != f.shape:
         raise ValueError(f"seq_ids {tuple(seq_ids.shape)} do not match mask {tuple(mask.shape)}")
     n_seq = int(seq.max().item()) + 1 if seq.numel() else 0
-    counts = torch.zeros(n_seq, dtype=torch.float32, device=f.device).scatter_add_(0, seq, f)
-    denom = torch.as_tensor(normalizer, dtype=torch.float32, device=f.device) if normalizer is not None \
-        else (counts > 0).sum().clamp(min=1).float()
+    counts = torch.zeros(n_seq, dtype=dtype, device=f.device).scatter_add_(0, seq, f)
+    denom = torch.as_tensor(normalizer, dtype=dtype, device=f.device) if normalizer is not None \
+        else (counts > 0).sum().clamp(min=1).to(dtype)
     return f / counts.clamp(min=1.0)[seq] / denom
 
 

@@ -2,7 +2,7 @@
 
 A random tiny model never writes the strict `<think>...</think><answer>...</answer>` format, so
 every reward is 0 and GRPO has nothing to follow. Here the tiny model first gets the short
-supervised format warm-up of tools/make_tiny_model.py --format-warmup (megammr.models.warmup),
+supervised format warm-up of tools/make_tiny_model.py --format-warmup (megammr.warmup),
 which leaves it emitting the format a minority of the time; then `python -m megammr train
 recipes/tiny/phase1.yaml` with plain key=value overrides (nothing special-cased: the bundled
 data, the project's rule-based rewards, the trainer's own loop) must raise the mean reward:
@@ -63,11 +63,18 @@ def _curve(metrics):
     return " ".join(f"{m['reward/mean']:.2f}" for m in metrics)
 
 
-def test_grpo_raises_the_reward_of_a_format_warmed_tiny_model(warm_setup):
-    out = warm_setup["root"] / "run"
+# GSPO (one clipped ratio per sequence) at its paper's clip range; two updates per step, so that
+# the second one is off-policy and the sequence-level ratio and its clipping are exercised.
+GSPO = ["algo.policy_loss=gspo", "algo.loss_agg=seq_mean", "algo.clip_low=0.0003", "algo.clip_high=0.0004",
+        "train.updates_per_step=2"]
+
+
+@pytest.mark.parametrize("loss", ["grpo", "gspo"])
+def test_grpo_raises_the_reward_of_a_format_warmed_tiny_model(warm_setup, loss):
+    out = warm_setup["root"] / f"run-{loss}"
     cmd = [sys.executable, "-m", "megammr", "train", os.path.join(REPO, "recipes", "tiny", "phase1.yaml"),
            f"model.hf_path={warm_setup['model']}", f"data.datasets=[{{path: {warm_setup['shards']}}}]",
-           f"train.output_dir={out}", *OVERRIDES]
+           f"train.output_dir={out}", *OVERRIDES, *(GSPO if loss == "gspo" else [])]
     t0 = time.perf_counter()
     p = _run(cmd, timeout=1200)
     wall = time.perf_counter() - t0
@@ -78,7 +85,7 @@ def test_grpo_raises_the_reward_of_a_format_warmed_tiny_model(warm_setup):
     mean = lambda ms, key: sum(m[key] for m in ms) / len(ms)  # noqa: E731
     first, last = metrics[:k], metrics[-k:]
     rise = mean(last, "reward/mean") - mean(first, "reward/mean")
-    report = (f"reward first fifth {mean(first, 'reward/mean'):.3f} -> last fifth {mean(last, 'reward/mean'):.3f} "
+    report = (f"{loss}: reward first fifth {mean(first, 'reward/mean'):.3f} -> last fifth {mean(last, 'reward/mean'):.3f} "
               f"(rise {rise:+.3f}, want >= {MARGIN}); format {mean(first, 'reward/format'):.3f} -> "
               f"{mean(last, 'reward/format'):.3f}; accuracy {mean(first, 'reward/accuracy'):.3f} -> "
               f"{mean(last, 'reward/accuracy'):.3f}; {wall:.0f} s\nreward per step: {_curve(metrics)}")

@@ -1,4 +1,4 @@
-"""The supervised format warm-up of a tiny HF model (megammr.models.warmup)."""
+"""The supervised format warm-up of a tiny HF model (megammr.warmup)."""
 import json
 import os
 import subprocess
@@ -38,7 +38,7 @@ def _weights(path):
 def test_demonstration_is_the_trainer_prompt_plus_a_formatted_response(src):
     from megammr.data.prompts import encode_prompt
     from megammr.models.processor import load_processor
-    from megammr.models.warmup import demonstration, response_text
+    from megammr.warmup import demonstration, response_text
     from megammr.rewards.extract import format_ok
 
     _, model, _ = src
@@ -57,7 +57,7 @@ def test_warmup_output_loads_validates_and_learns(src):
 
     from megammr.models.mapping import HFReader
     from megammr.models.processor import load_processor
-    from megammr.models.warmup import format_warmup
+    from megammr.warmup import format_warmup
 
     d, model, jsonl = src
     out = str(d / "warm")
@@ -82,7 +82,7 @@ def test_warmup_output_loads_validates_and_learns(src):
 
 
 def test_warmup_is_deterministic_by_seed(src):
-    from megammr.models.warmup import format_warmup
+    from megammr.warmup import format_warmup
 
     d, model, jsonl = src
     a = format_warmup(model, str(d / "a"), jsonl, steps=3, batch_size=2, seed=1)
@@ -95,7 +95,7 @@ def test_warmup_is_deterministic_by_seed(src):
 
 
 def test_warmup_refuses_to_overwrite_its_source(src):
-    from megammr.models.warmup import format_warmup
+    from megammr.warmup import format_warmup
 
     _, model, jsonl = src
     with pytest.raises(ValueError, match="differ"):
