@@ -7,7 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+import warnings
+
+from megammr import __version__
 
 # name -> (module, one-line help). Order is the order of `megammr --help`.
 COMMANDS = {
@@ -17,12 +21,12 @@ COMMANDS = {
     "plot": ("megammr.plot", "draw reward, accuracy, format, length and KL curves of a run to PNG"),
     "score": ("megammr.rewards.score_cli", "score responses in a JSONL file with the rule-based rewards"),
     "eval": ("megammr.eval.cli", "evaluate a model on MathVista / MathVerse / MathVision / OlympiadBench"),
+    "data": ("megammr.data_cli", "import a public dataset (DeepScaleR, ViRL39K, LLaVA, any table) as records"),
     "bench": ("megammr.bench", "run a benchmark (kernels, data, rewards, step, curriculum, gpu-step)"),
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megammr import __version__
     parser = argparse.ArgumentParser(prog="megammr", description="Infi-MMR curriculum GRPO on megatron-core.")
     parser.add_argument("--version", action="version", version=f"megammr {__version__}",
                         help="print the version and exit (`megammr version` adds the dependencies)")
@@ -35,9 +39,8 @@ def build_parser() -> argparse.ArgumentParser:
 def _show_recipe_warnings() -> None:
     """A RecipeWarning is one `megammr: warning: ...` line on stderr, once, from rank 0 only
     (under torchrun every rank loads the recipe)."""
-    import os
-    import warnings
-
+    # lazy: the recipe schema (megammr.config, with YAML) is for commands; `megammr --help` and
+    # `--version` import nothing of megammr but this module.
     from megammr.config import RecipeWarning
     shown: set[str] = set()
     plain = warnings.showwarning
@@ -79,7 +82,6 @@ def main(argv=None) -> int:
     except BrokenPipeError:
         # The reader went away (`megammr config fields | head`): stop quietly, as a Unix tool does.
         # stdout is pointed at /dev/null so that the interpreter's final flush cannot fail again.
-        import os
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 128 + 13  # killed by SIGPIPE, as the shell reports it

@@ -270,6 +270,9 @@ class ToolDefaults:
     caption_batch_size: int = 8  # records per generate call (tools/caption.py --batch-size)
     caption_max_new_tokens: int = 256  # longest caption (--max-new-tokens)
     eval_batch_size: int = 8  # prompts per generate call (megammr eval --batch-size)
+    # `megammr data import`: a longer normalised gold answer is a solution, not a verifiable answer
+    import_max_answer_chars: int = 256  # (--max-answer-chars)
+    import_progress_every: int = 5000  # one progress line per this many rows when stderr is not a terminal
     # The tiny model's supervised format warm-up (megammr/warmup.py, tools/make_tiny_model.py), tuned
     # on recipes/tiny: at temperature 1.0 and 48 new tokens the strict format then comes out roughly
     # a third of the time, accuracy near zero.

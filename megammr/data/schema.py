@@ -32,6 +32,8 @@ REASONS = (
     "invalid_utf8", "invalid_json", "missing_field", "wrong_type", "empty_field", "duplicate_id",
     "unreadable_image", "truncated_image", "image_too_large", "image_aspect_ratio", "bad_choices",
     "phase_mismatch",
+    # raised by the importers (megammr/data/importers/, megammr/data/normalize.py)
+    "bad_answer", "bad_conversation", "image_count_mismatch",
 )
 PHASES = (1, 2, 3)
 # Qwen2.5-VL's resizing refuses images whose long side is over 200x the short side.
@@ -123,7 +125,7 @@ def read_rows(path: str) -> Iterator[RawRow]:
 
 
 def _read_parquet(path: str) -> Iterator[RawRow]:
-    try:
+    try:  # lazy here and in count_rows: pyarrow is needed (and imported) for parquet inputs only
         import pyarrow.parquet as pq
     except ImportError:  # pragma: no cover - pyarrow is a dependency
         raise SystemExit("reading parquet needs pyarrow: pip install pyarrow") from None
