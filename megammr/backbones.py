@@ -8,7 +8,8 @@ its output width `out_hidden_size` follows the language model. `tiny` is this pr
 default-recipe model (megammr.models.tiny writes it in HF format).
 
 `Backbone.from_hf_config` reads any HF config (the flat hub format with `rope_scaling`, or the
-transformers-5 nested `text_config` format), so a checkpoint directory is the source of truth
+transformers-5 nested `text_config` format), and `Backbone.from_hf_dir` a checkpoint directory's
+config.json (every reader of one goes through it), so a checkpoint directory is the source of truth
 once it exists; the table is for building models without one (meta-device sizing, random init).
 
 Pure data and arithmetic that imports nothing of megammr's (no torch, no megatron): it sits below
@@ -17,6 +18,8 @@ megammr.config, whose rules read it, and below megammr.models, which builds on i
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -109,6 +112,14 @@ class Backbone:
             bos_token_id=t.get("bos_token_id", 151643) if t.get("bos_token_id") is not None else 151643,
             eos_token_id=t.get("eos_token_id", 151645) if isinstance(t.get("eos_token_id"), int) else 151645,
         )
+
+    @classmethod
+    def from_hf_dir(cls, path: str, name: str = "hf") -> "Backbone":
+        """The backbone of an HF checkpoint directory: its config.json through `from_hf_config`.
+        OSError when the file cannot be read; ValueError, KeyError or TypeError when it is not a
+        Qwen2.5-VL config (json.JSONDecodeError is a ValueError)."""
+        with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
+            return cls.from_hf_config(json.load(f), name=name)
 
     def to_hf_config(self) -> dict:
         """config.json in the published (flat) layout; transformers 4.57+ and 5.x load it."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 
+from megammr import curriculum
 from megammr.config.load import field_docs, load_recipe, to_yaml
 from megammr.config.schema import RecipeError
 
@@ -35,7 +36,6 @@ def run(args) -> int:
     if args.world_size is not None and args.world_size < 1:
         print(f"megammr: error: --world-size must be >= 1, got {args.world_size}", file=sys.stderr)
         return 2
-    from megammr import curriculum
     try:
         if curriculum.is_curriculum(args.recipe):
             phases = curriculum.load(args.recipe, args.overrides, world_size=args.world_size)

@@ -28,6 +28,10 @@ from typing import Optional
 import yaml
 
 from megammr.config import Recipe, RecipeError, load_recipe
+from megammr.plot import print_summary, read_rows
+
+# lazy in this module: megammr.runtime and megammr.trainer (torch, megatron-core), in run() only.
+# `megammr config show` reads curricula through this module and imports neither.
 
 
 @dataclass
@@ -169,8 +173,6 @@ def run(path: str, overrides: list[str] = (), which: str | None = None) -> list[
 
 def summarize(phases: list[Phase]) -> None:
     """The summary table of every phase (in curriculum order) on stdout and in RUN_DIR/summary.md."""
-    from megammr.plot import print_summary, read_rows
-
     rows = [(ph.name, read_rows(os.path.join(ph.output_dir, "metrics.jsonl"))) for ph in phases
             if os.path.exists(os.path.join(ph.output_dir, "metrics.jsonl"))]
     if rows:

@@ -141,6 +141,8 @@ def apply() -> list[str]:
     torch.cuda.default_stream = lambda *a, **k: _NullStream()
     _APPLIED.append("streams")
 
+    # lazy: megammr.runtime imports this module at its top, and runtime must not import megatron-core
+    # (`megammr train` checks a recipe with runtime before megatron is needed)
     from megatron.core.tensor_parallel import random as mcore_random
     mcore_random.CudaRNGStatesTracker = CPURNGStatesTracker
     mcore_random.initialize_rng_tracker(force_reset=True)

@@ -10,12 +10,20 @@ the README ("Metrics").
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import math
 import os
 import sys
 import time
 from typing import Optional
+
+from tqdm import tqdm
+
+from megammr.config import RecipeError
+
+# lazy in this module: the optional sinks, TensorBoard (torch.utils.tensorboard needs the
+# tensorboard package) and wandb, imported only when a run uses them.
 
 
 class MetricsLog:
@@ -83,7 +91,6 @@ def _tensorboard(log_dir: str, resume_after: int):
 
 def wandb_missing_message() -> Optional[str]:
     """Why W&B logging cannot start, or None when the package is importable (checked before a run starts)."""
-    import importlib.util
     if importlib.util.find_spec("wandb") is None:
         return ("train.wandb_project is set but the wandb package is not installed: pip install wandb "
                 "(or pip install -e '.[wandb]'), or remove train.wandb_project")
@@ -96,8 +103,7 @@ def _wandb(output_dir: str, project: str, name: str, config: dict, group: Option
     `name`, `group`, `config`: see megammr.train.report.wandb_args."""
     try:
         import wandb
-    except ImportError as e:
-        from megammr.config import RecipeError  # a recipe problem (exit code 2), like the up-front check
+    except ImportError as e:  # a recipe problem (exit code 2), like the up-front check
         raise RecipeError(wandb_missing_message() or f"train.wandb_project: importing wandb failed ({e})") from None
     run_id = hashlib.sha1(os.path.abspath(output_dir).encode()).hexdigest()[:16]
     return wandb.init(project=project, name=name, group=group, config=config, dir=output_dir, id=run_id,
@@ -118,7 +124,6 @@ class Progress:
         self.t0 = time.perf_counter()
         self.bar = None
         if mode == "bar" or (mode == "auto" and _is_tty(self.file)):
-            from tqdm import tqdm
             self.bar = tqdm(total=total, initial=done_before, desc=desc, unit="step", file=self.file,
                             dynamic_ncols=True, smoothing=0.3, mininterval=0,
                             bar_format="{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "

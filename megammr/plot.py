@@ -105,7 +105,7 @@ def print_summary(run_dir: str, phases) -> str:
 
 
 def plot(phases, out: str) -> str:
-    import matplotlib
+    import matplotlib  # lazy here and in run(): matplotlib is an optional extra ([plot])
     matplotlib.use("Agg")  # files only: no display on a cluster node
     import matplotlib.pyplot as plt
 

@@ -6,10 +6,13 @@ for megatron-core (megammr.megatron_cpu) is applied before anything from megatro
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import dataclasses
 import datetime
 import os
 import random
+import signal
+import socket
 import subprocess
 from dataclasses import dataclass
 from typing import Mapping, Optional
@@ -18,7 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from megammr import megatron_cpu
 from megammr.config import Recipe
+
+# lazy in this module: megatron-core (~2.5 s of imports). `megammr train` reads the launcher's
+# environment from here (dist_env_from) while it checks a recipe, and a recipe error exits before
+# megatron is imported; init(), seed_everything() and shutdown() import it when they run.
 
 
 @dataclass(frozen=True)
@@ -133,11 +141,10 @@ def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None) -> Runtime
     patches: list[str] = []
     if cuda:
         torch.cuda.set_device(env.local_rank % torch.cuda.device_count())
-        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+        backend = "nccl"
     else:
-        from megammr import megatron_cpu
         patches = megatron_cpu.apply()
-        device, backend = torch.device("cpu"), "gloo"
+        backend = "gloo"
         if recipe.train.cpu_threads:
             torch.set_num_threads(recipe.train.cpu_threads)
 
@@ -160,11 +167,10 @@ def init(recipe: Recipe, environ: Optional[Mapping[str, str]] = None) -> Runtime
         ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
                                      context_parallel_size=cp)
     seed_everything(recipe.train.seed)
-    return Runtime(env, device, backend, tp, pp, cp, dp, patches)
+    return Runtime(env, device(), backend, tp, pp, cp, dp, patches)
 
 
 def _free_port(addr: str) -> int:
-    import socket
     with socket.socket() as s:
         s.bind((addr, 0))
         return s.getsockname()[1]
@@ -187,8 +193,6 @@ def forked_children_die_with_parent() -> None:
     if _DIE_WITH_PARENT or not hasattr(os, "register_at_fork"):
         return
     try:
-        import ctypes
-        import signal
         libc = ctypes.CDLL(None, use_errno=True)
     except OSError:
         return
@@ -208,7 +212,6 @@ def stop_signals_blocked():
     unlike a handler, survives exec. For helper processes whose start this code does not control.
     Blocked, not ignored, here: a stop signal that arrives meanwhile is delivered afterwards (or to
     another thread, whose C handler flags it for the main thread), never lost."""
-    import signal
     sigs = {getattr(signal, name) for name in STOP_SIGNALS}
     old = signal.pthread_sigmask(signal.SIG_BLOCK, sigs)
     try:
@@ -223,7 +226,14 @@ def barrier() -> None:
 
 
 def is_rank0() -> bool:
+    """Global rank 0, or the only process when torch.distributed is not started."""
     return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def device() -> torch.device:
+    """This process's current CUDA device, else the CPU (also under the CPU layer, whose
+    torch.cuda.is_available() stays False)."""
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def shutdown() -> None:
@@ -234,4 +244,6 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-__all__ = ["DistEnv", "Runtime", "barrier", "dist_env_from", "init", "is_rank0", "seed_everything", "shutdown"]
+__all__ = ["STOP_SIGNALS", "DistEnv", "Runtime", "barrier", "device", "dist_env_from",
+           "forked_children_die_with_parent", "init", "is_rank0", "seed_everything", "shutdown",
+           "stop_signals_blocked"]

@@ -8,6 +8,13 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
+
+from megammr import curriculum
+from megammr.config import RecipeError, load_recipe
+
+# lazy in this module: torch and the trainer's modules, in run(), so that `megammr train --help`
+# stays fast, and only after the warning filters below are set (megatron-core warns at import).
 
 
 def add_arguments(p):
@@ -45,7 +52,6 @@ def _next_steps(phases: list) -> None:
 def _quiet_cpu_warnings() -> None:
     """megatron-core warns at import, once per module, that TE/Apex are absent: expected on CPU
     (the local spec and torch fallbacks are what the CPU path uses), so not worth 7 lines per rank."""
-    import warnings
     for msg in ("Transformer Engine and Apex are not installed", "Apex is not installed",
                 "full scope is deprecated"):
         warnings.filterwarnings("ignore", message=f".*{msg}.*")
@@ -53,7 +59,6 @@ def _quiet_cpu_warnings() -> None:
 
 def _quiet_library_warnings() -> None:
     """megatron-core's own use of deprecated torch.distributed.checkpoint APIs: nothing a user can act on."""
-    import warnings
     for msg in ("`load_state_dict` is deprecated", "Please use DTensor instead", "`save_state_dict` is deprecated"):
         warnings.filterwarnings("ignore", message=f".*{msg}.*")
 
@@ -63,11 +68,8 @@ def run(args) -> int:
     if not torch.cuda.is_available():
         _quiet_cpu_warnings()
     _quiet_library_warnings()
-    from megammr import curriculum
-    from megammr.config import RecipeError, load_recipe
     from megammr.data.loader import DataConfigError, DataStateError
-    from megammr.models.mapping import CheckpointError
-
+    from megammr.models.checkpoint_io import CheckpointError
     from megammr.runtime import dist_env_from
     from megammr.train.setup import check_recipe
     world = dist_env_from(os.environ).world_size

@@ -15,7 +15,6 @@ import time
 from typing import Callable, Sequence
 
 import torch
-import torch.distributed as dist
 
 from megammr import runtime
 from megammr.algo import group_advantages
@@ -181,5 +180,5 @@ def resume(parts: setup.Parts) -> tuple[int, dict]:
 
 
 def say(msg: str) -> None:
-    if not dist.is_initialized() or dist.get_rank() == 0:
+    if runtime.is_rank0():
         print(f"megammr train: {msg}", flush=True)

@@ -1,13 +1,14 @@
 """`megammr version`: the package and the versions of the stack it runs on."""
 from importlib.metadata import PackageNotFoundError, version
 
+import megammr
+
 
 def add_arguments(p):
     pass
 
 
 def run(args) -> int:
-    import megammr
     print(f"megammr {megammr.__version__}")
     for dist in ("torch", "megatron-core", "megatron-energon", "transformers", "triton", "math-verify"):
         try:

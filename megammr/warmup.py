@@ -30,8 +30,12 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence
 
 import torch
+from transformers import Qwen2_5_VLForConditionalGeneration
 
-from megammr.config import TOOLS
+from megammr.config import TOOLS, RewardConfig
+from megammr.data.prompts import IM_END, encode_prompt
+from megammr.models.processor import load_processor
+from megammr.rewards.core import RewardItem, Weights, score_item
 
 # Fixed, short reasoning: the point is the format, not the reasoning; short keeps the whole
 # demonstration (~30 tokens with the tiny byte-level BPE) well inside a 48-token rollout budget.
@@ -80,7 +84,6 @@ def response_text(answer: str, reasoning: str = REASONING) -> str:
 def demonstration(record: dict, tokenizer, reasoning: str = REASONING) -> tuple[list[int], list[int]]:
     """(prompt ids, response ids) of one record; the response ends with <|im_end|>, where the
     rollout engine stops."""
-    from megammr.data.prompts import IM_END, encode_prompt
     p = encode_prompt(record["question"], style="text", choices=record.get("choices"), tokenizer=tokenizer)
     resp = tokenizer(response_text(record["answer"], reasoning) + IM_END, add_special_tokens=False)["input_ids"]
     return p.input_ids.tolist(), list(resp)
@@ -115,10 +118,6 @@ def format_warmup(src_dir: str, out_dir: str, records_jsonl: str, *, steps: int 
                   lr: float = DEFAULT_LR, batch_size: int = DEFAULT_BATCH, seed: int = 0,
                   reasoning: str = REASONING, log=None) -> WarmupResult:
     """Supervised format warm-up of the HF model in `src_dir`; writes `out_dir` (see module doc)."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from megammr.models.processor import load_processor
-
     if steps < 0:
         raise ValueError(f"steps must be >= 0, got {steps}")
     if os.path.abspath(src_dir) == os.path.abspath(out_dir):
@@ -172,12 +171,6 @@ def sample_format_rate(model_dir: str, records_jsonl: str, *, max_new_tokens: in
                        records: Optional[list[dict]] = None) -> dict:
     """Sample `n` responses for each of the first `num_prompts` records (HF generate) and score
     them with the project's rewards: {"format": rate, "accuracy": rate, "samples": k}."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from megammr.models.processor import load_processor
-    from megammr.config import RewardConfig
-    from megammr.rewards.core import RewardItem, Weights, score_item
-
     tok = load_processor(model_dir).tokenizer
     recs = (records if records is not None else read_records(records_jsonl))[:num_prompts]
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(model_dir, dtype=torch.float32).eval()

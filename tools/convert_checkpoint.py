@@ -97,7 +97,7 @@ def main(argv=None):
     c.add_argument("--tol", type=float, default=1e-4)
     args = ap.parse_args(argv)
 
-    from megammr.models.mapping import CheckpointError
+    from megammr.models.checkpoint_io import CheckpointError
     try:
         if args.cmd == "hf-to-mcore":
             from megammr.models.convert import hf_to_mcore

@@ -18,8 +18,8 @@
 # A step whose package is missing is reported "skipped" with the reason, never "passed"; a pytest
 # step counts passed/failed/skipped tests from its junit report. Exit code: 0 when no step failed.
 # Time limits: 120 + 180 + 150 + 180 + 90 + 180 s (te and vllm only when installed): without TE and
-# vLLM at most 9.5 minutes, expected well under that (compiles and model builds dominate). Nothing
-# here has run on a GPU yet (README "GPU path"): the limits are estimates, not measurements.
+# vLLM at most 9.5 minutes, expected well under that (compiles and model builds dominate). The
+# limits are estimates, not measurements; README "GPU path" records what ran on which device.
 #
 # The device machine of this workplace (and most clusters' login-free GPU nodes) has python3 with
 # torch, triton and transformers but not megatron-core, megatron-energon or math-verify, and reaches no

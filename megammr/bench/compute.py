@@ -8,8 +8,6 @@ loss, optimizer step. See megammr/bench/step.py for the definitions.
 """
 from __future__ import annotations
 
-import json
-import os
 import statistics
 import sys
 import time
@@ -123,8 +121,7 @@ def megatron_compute(recipe, batches, objects=None) -> dict:
 
     rt = runtime.init(recipe)
     try:
-        with open(os.path.join(recipe.model.hf_path, "config.json")) as f:
-            bb = Backbone.from_hf_config(json.load(f), name=recipe.model.backbone)
+        bb = Backbone.from_hf_dir(recipe.model.hf_path, name=recipe.model.backbone)
         module = setup.build_policy(recipe, bb)
         ref = setup.build_policy(recipe, bb, frozen=True) if recipe.algo.kl_coef > 0 else None
         ddp, opt, _ = setup.build_optimizer(recipe, module)
@@ -172,7 +169,9 @@ def hf_compute(params: dict, batches) -> dict:
     import torch
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    dev = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    from megammr import runtime
+
+    dev = runtime.device()
     torch.manual_seed(params["seed"])
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(params["model"], dtype=torch.float32).to(dev).train()
     ref = None

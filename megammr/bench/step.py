@@ -171,15 +171,13 @@ def _bench_micro_batches(recipe, step_prompts: list[list[dict]]) -> list[list]:
     from megammr.models.processor import load_processor
     from megammr.train.batching import Sample, make_micro_batches
 
-    with open(os.path.join(recipe.model.hf_path, "config.json")) as f:
-        cfg = json.load(f)
-    bb = Backbone.from_hf_config(cfg, name=recipe.model.backbone)
+    bb = Backbone.from_hf_dir(recipe.model.hf_path, name=recipe.model.backbone)
     tok = load_processor(recipe.model.hf_path).tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.convert_tokens_to_ids("<|endoftext|>")
     # Ordinary tokens only: no stop token, no image/vision/control token (a random <|image_pad|>
     # would need an image).
     special = set(getattr(tok, "added_tokens_decoder", {}) or {}) | set(tok.all_special_ids)
-    allowed = torch.tensor([t for t in range(min(cfg["vocab_size"], len(tok))) if t not in special])
+    allowed = torch.tensor([t for t in range(min(bb.vocab_size, len(tok))) if t not in special])
     g = torch.Generator().manual_seed(0)
     out = []
     for prompts in step_prompts:

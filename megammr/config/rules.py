@@ -8,7 +8,6 @@ Imports only the schema and megammr.backbones (pure data, below config): never t
 from __future__ import annotations
 
 import difflib
-import json
 import os
 from typing import Optional
 
@@ -73,12 +72,10 @@ def _rules(r: Recipe) -> list[tuple[tuple[str, ...], bool, str]]:
 def _hf_backbone(r: Recipe):
     """The numbers of model.hf_path/config.json when it holds a readable Qwen2.5-VL config (the
     model builder reads the same file), else None: the backbones table decides."""
-    cfg = os.path.join(r.model.hf_path or "", "config.json")
-    if not r.model.hf_path or not os.path.isfile(cfg):
+    if not r.model.hf_path or not os.path.isfile(os.path.join(r.model.hf_path, "config.json")):
         return None
     try:
-        with open(cfg, encoding="utf-8") as f:
-            return Backbone.from_hf_config(json.load(f), name=r.model.backbone)
+        return Backbone.from_hf_dir(r.model.hf_path, name=r.model.backbone)
     except (OSError, ValueError, KeyError, TypeError):
         return None  # the builder reports a broken config.json when it gets there
 

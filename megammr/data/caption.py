@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tqdm import tqdm
+
 from megammr.config import TOOLS
 from megammr.data.images import decode_image
 from megammr.data.prompts import DEFAULT_QWEN_SYSTEM, build_messages, render_chat
@@ -80,7 +82,6 @@ def caption_file(input_path: str, out: str, engine, *, sampling, batch_size: int
     os.makedirs(out_dir, exist_ok=True)
     bar = None
     if progress:
-        from tqdm import tqdm
         bar = tqdm(total=count_rows(input_path), desc="caption", unit="rec", file=sys.stderr, dynamic_ncols=True)
     pending: list[tuple[dict, list]] = []
     kw = {} if max_image_pixels is None else {"max_image_pixels": max_image_pixels}

@@ -27,8 +27,10 @@ from dataclasses import dataclass, field
 from typing import Any, Iterator, Optional
 
 import torch
-from megatron.energon import Cooker, DefaultTaskEncoder, Sample, basic_sample_keys, stateless
+from megatron.energon import (Cooker, DefaultTaskEncoder, Sample, WorkerConfig, basic_sample_keys, get_savable_loader,
+                              get_train_dataset, stateless)
 from megatron.energon.edataclass import edataclass
+from megatron.energon.errors import reraise_exception
 
 from megammr.data.images import decode_image
 from megammr.data.prompts import Prompt, encode_prompt
@@ -146,9 +148,6 @@ class PhaseDataLoader:
         self._build()
 
     def _build(self):
-        from megatron.energon import WorkerConfig, get_savable_loader, get_train_dataset
-        from megatron.energon.errors import reraise_exception
-
         cfg = self.cfg
         if len(cfg.datasets) == 1:
             path = os.path.abspath(cfg.datasets[0].path)

@@ -11,6 +11,7 @@ the same input gives byte-identical shards.
 """
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import hashlib
@@ -18,13 +19,18 @@ import io
 import json
 import os
 import shutil
+import signal
 import sys
 import tarfile
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Optional
 
+from tqdm import tqdm
+
 from megammr.config import TOOLS
+from megammr.data.decontam import Decontaminator
 from megammr.data.schema import DEFAULT_MAX_IMAGE_PIXELS, RecordError, count_rows, read_rows, validate
 
 MANIFEST = "megammr.json"
@@ -144,7 +150,6 @@ def build_shards(inputs: list[str], phase: int, out: str, *, skip_invalid: bool 
             raise BuildError(f"{p} is inside the output directory {out}, which the build replaces")
     decon = None
     if exclude:
-        from megammr.data.decontam import Decontaminator
         decon = Decontaminator(list(exclude), ngram=ngram)
 
     t0 = time.time()
@@ -221,8 +226,6 @@ def _sigterm_as_exit():
     """SIGTERM (kill, Slurm, a container stop) raises SystemExit during a build so the staging
     directory is removed like after Ctrl-C; the default action would leave it behind. Returns
     the function that restores the previous handler."""
-    import signal
-    import threading
     if threading.current_thread() is not threading.main_thread() or \
             signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
         return lambda: None
@@ -254,6 +257,7 @@ def _remove_stale_stages(parent: str, prefix: str):
 
 def prepare_energon(path: str, tar_names: list[str], workers: int = 1):
     """Write .nv-meta (index, split.yaml, dataset.yaml) the way `energon prepare` does, without prompts."""
+    # lazy: megatron-energon imports torch (~1.2 s); validating and writing the records needs neither
     from megatron.energon.epathlib import EPath
     from megatron.energon.flavors.webdataset.prepare import WebdatasetPreparator
 
@@ -300,7 +304,6 @@ def _rejected_entry(row, e: RecordError) -> dict:
     if row.raw is not None:
         entry["raw"] = row.raw
     elif row.raw_bytes is not None:
-        import base64
         entry["raw_base64"] = base64.b64encode(row.raw_bytes).decode("ascii")
     elif isinstance(row.data, dict):  # parquet: keep the row, images as their sizes only
         entry["row"] = {k: (f"<{len(v)} bytes>" if isinstance(v, (bytes, bytearray)) else v)
@@ -337,6 +340,5 @@ class _NoBar:
 def _progress(total: int, desc: str, enabled: bool):
     if not enabled:
         return _NoBar()
-    from tqdm import tqdm
     return tqdm(total=total or None, desc=desc, unit="rec", file=sys.stderr, dynamic_ncols=True)
 

@@ -19,6 +19,8 @@ from typing import Optional
 
 from PIL import Image, ImageDraw, ImageFont
 
+from megammr.data.shards import build_shards
+
 SIZE = 224
 COLORS = {"red": (220, 40, 40), "blue": (40, 80, 220), "green": (30, 160, 60), "orange": (240, 140, 20),
           "purple": (140, 60, 180)}
@@ -242,7 +244,6 @@ def write_all(out: str, n: int = 256, seed: int = 0, phases=(1, 2, 3), build: bo
         jsonl = write_phase(os.path.join(out, "raw"), p, n, seed)
         shards = None
         if build:
-            from megammr.data.shards import build_shards
             shards = os.path.join(out, f"phase{p}")
             build_shards([jsonl], p, shards, overwrite=overwrite, progress=progress)
         result[p] = {"jsonl": jsonl, "shards": shards}

@@ -17,11 +17,16 @@ import os
 import re
 import sys
 
-from megammr.config import TOOLS
+from megammr.config import TOOLS, Recipe, RecipeError, load_recipe
+from megammr.eval.readers import READERS, EvalDataError, load_benchmark
+from megammr.eval.runner import evaluate, format_table
+from megammr.rollout import SamplingParams
+
+# lazy in this module: torch and the transformers engine (megammr.rollout.TransformersEngine), so
+# `megammr eval --help` and the checks of the arguments, model and data files stay fast.
 
 
 def add_arguments(p: argparse.ArgumentParser):
-    from megammr.eval.readers import READERS
     p.add_argument("--model", required=True, help="HF checkpoint directory (weights, tokenizer, processor)")
     p.add_argument("--bench", required=True, choices=sorted(READERS), help="benchmark reader")
     p.add_argument("--data", required=True, help="the benchmark's file (or directory for OlympiadBench)")
@@ -89,9 +94,6 @@ def run_recipe(model: str) -> tuple[dict, str] | None:
 
 
 def run(args) -> int:
-    from megammr.config import Recipe, RecipeError, load_recipe
-    from megammr.eval.readers import EvalDataError, load_benchmark
-
     if args.limit is not None and args.limit < 1:
         return _fail(f"--limit must be >= 1, got {args.limit}")
     if args.batch_size < 1 or (args.max_new_tokens is not None and args.max_new_tokens < 1):
@@ -125,8 +127,7 @@ def run(args) -> int:
 
     import torch
 
-    from megammr.eval.runner import evaluate, format_table
-    from megammr.rollout import SamplingParams, TransformersEngine
+    from megammr.rollout import TransformersEngine
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     try:

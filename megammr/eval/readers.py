@@ -41,7 +41,7 @@ class EvalSample:
 def _load_file(path: str) -> list[tuple[str, dict]]:
     """[(record key, record)] from .json (list or id -> record), .jsonl or .parquet."""
     if path.endswith(".parquet"):
-        try:
+        try:  # lazy: pyarrow is needed (and imported) for parquet files only
             import pyarrow.parquet as pq
         except ImportError:
             raise EvalDataError(f"{path}: reading parquet needs pyarrow (pip install pyarrow)") from None

@@ -18,14 +18,21 @@ from collections import defaultdict
 from dataclasses import replace
 from typing import Optional, Sequence
 
-from megammr.config import TOOLS
+from PIL import Image
+from tqdm import tqdm
+
+from megammr.config import TOOLS, RewardConfig, RolloutConfig
 from megammr.eval.readers import PAPER, EvalSample
+from megammr.rewards import RewardItem, RewardPool
+from megammr.rollout import RolloutPrompt, SamplingParams
+
+# lazy in this module: megammr.data.prompts, which imports torch; `megammr eval --help` and the
+# checks of the model and data files import this module and must not pay for it.
 
 log = logging.getLogger(__name__)
 
 
 def _open_image(src):
-    from PIL import Image
     img = Image.open(io.BytesIO(src)) if isinstance(src, bytes) else Image.open(src)
     img.load()
     return img.convert("RGB")
@@ -35,7 +42,6 @@ def build_prompt(sample: EvalSample, images: list, system_prompt: Optional[str] 
     """Phase-3 style prompt of one sample (megammr.data.prompts is the single source of the
     chat format and the system prompt)."""
     from megammr.data.prompts import build_messages, render_chat
-    from megammr.rollout import RolloutPrompt
     style = "image" if images else "text"
     msgs = build_messages(sample.question, style=style, choices=sample.choices, system_prompt=system_prompt,
                           images=images or None)
@@ -46,10 +52,6 @@ def evaluate(engine, samples: Sequence[EvalSample], bench: str, *, out_dir: str,
              reward_cfg=None, batch_size: int = TOOLS.eval_batch_size, system_prompt: Optional[str] = None,
              progress: bool = False) -> dict:
     """Generate, score and write OUT/<bench>_samples.jsonl and the summary; `progress`: a bar on stderr."""
-    from megammr.config import RewardConfig, RolloutConfig
-    from megammr.rewards import RewardItem, RewardPool
-    from megammr.rollout import SamplingParams
-
     # Evaluation reads the answer even when the <answer> tags are missing; the format rate is
     # reported separately.
     reward_cfg = replace(reward_cfg or RewardConfig(), require_answer_tag=False)
@@ -68,7 +70,6 @@ def evaluate(engine, samples: Sequence[EvalSample], bench: str, *, out_dir: str,
 
     groups: dict[str, list[int]] = defaultdict(list)
     n_correct = n_format = 0
-    from tqdm import tqdm
     bar = tqdm(total=len(ready), desc=f"eval {bench}", unit="sample", file=sys.stderr, dynamic_ncols=True,
                disable=not progress)
     with RewardPool(reward_cfg) as pool, open(samples_path, "w", encoding="utf-8") as out, bar:

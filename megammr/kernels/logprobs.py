@@ -19,6 +19,10 @@ import torch.distributed as dist
 
 from . import reference
 
+# lazy in this module: the Triton kernels (triton_logprobs imports triton, which reads
+# TRITON_INTERPRET when it is imported) for backend "triton" only, and megatron-core's TP group
+# for the one caller that leaves `group` unset: the kernels themselves need neither.
+
 
 def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")

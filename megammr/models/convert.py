@@ -21,10 +21,18 @@ import shutil
 from typing import Callable, Optional
 
 import torch
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
+from torch.distributed.checkpoint.metadata import (ChunkStorageMetadata, MetadataIndex, TensorProperties,
+                                                   TensorStorageMetadata)
+from torch.distributed.checkpoint.planner import (LoadItemType, LoadPlan, ReadItem, SavePlan, TensorWriteData,
+                                                  WriteItem, WriteItemType)
 
 from megammr.backbones import Backbone
-from megammr.models.mapping import (DEC, LAYER_KEYS, LM, CheckpointError, HFReader, global_nonlayer_keys,
-                                    hf_layer_to_global, iter_hf_from_global)
+from megammr.models.checkpoint_io import CheckpointError
+from megammr.models.mapping import (DEC, LAYER_KEYS, LM, HFReader, global_nonlayer_keys, hf_layer_to_global,
+                                    hf_shapes, iter_hf_from_global)
 
 HF_META_DIR = "hf"
 _ST_DTYPE = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
@@ -44,9 +52,6 @@ def copy_hf_meta(src_dir: str, dst_dir: str) -> None:
 # ----------------------------------------------------------------------------- HF -> mcore
 def _plan_items(bb: Backbone, reader: HFReader):
     """(WriteItem, producer) for every chunk of the checkpoint, producers lazy."""
-    from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, MetadataIndex, TensorProperties
-    from torch.distributed.checkpoint.planner import TensorWriteData, WriteItem, WriteItemType
-
     items: list[tuple[WriteItem, Callable]] = []
 
     def tensor_item(key, gshape, offsets, sizes, dtype, producer):
@@ -96,10 +101,6 @@ def _none_bytes():
 
 def hf_to_mcore(hf_dir: str, out_dir: str) -> dict:
     """Convert an HF Qwen2.5-VL directory into a torch_dist checkpoint at `out_dir` (single process)."""
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
-    from torch.distributed.checkpoint.planner import SavePlan
-
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise CheckpointError(f"--out {out_dir} exists and is not a directory")
     if os.path.exists(out_dir) and os.listdir(out_dir):
@@ -145,7 +146,6 @@ class McoreReader:
     """Reads global tensors (or one layer of a stacked tensor) from a torch_dist checkpoint, any layout."""
 
     def __init__(self, ckpt_dir: str):
-        from torch.distributed.checkpoint import FileSystemReader
         if not os.path.isdir(ckpt_dir):
             raise CheckpointError(f"{ckpt_dir}: not a directory" if os.path.exists(ckpt_dir)
                                   else f"{ckpt_dir}: no such directory")
@@ -157,9 +157,6 @@ class McoreReader:
         self.fs.set_up_storage_reader(self.md, True)
 
     def get(self, key: str, layer: Optional[int] = None) -> torch.Tensor:
-        from torch.distributed.checkpoint.metadata import MetadataIndex, TensorStorageMetadata
-        from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, ReadItem
-
         meta = self.md.state_dict_metadata.get(key)
         if not isinstance(meta, TensorStorageMetadata):
             raise CheckpointError(f"{self.dir}: tensor {key} missing from the checkpoint")
@@ -206,9 +203,7 @@ def mcore_to_hf(ckpt_dir: str, out_dir: str, hf_meta_dir: Optional[str] = None,
     meta = hf_meta_dir or os.path.join(ckpt_dir, HF_META_DIR)
     if not os.path.exists(os.path.join(meta, "config.json")):
         raise CheckpointError(f"no config.json in {meta}: pass --hf-config DIR (the HF directory the model came from)")
-    with open(os.path.join(meta, "config.json")) as f:
-        bb = Backbone.from_hf_config(json.load(f))
-    from megammr.models.mapping import hf_shapes
+    bb = Backbone.from_hf_dir(meta)
     expected = hf_shapes(bb)
     check_against_config(reader, bb, expected, os.path.join(meta, "config.json"))
     tmp = out_dir.rstrip("/") + ".tmp"
@@ -229,7 +224,6 @@ def check_against_config(reader: McoreReader, bb: Backbone, expected: dict, cfg_
     Before anything is written: a checkpoint of another backbone (other depth or width, untied
     lm_head under a tied config) otherwise exports a truncated model without a word.
     """
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
     want = {key: tuple(expected[hf]) for key, hf in global_nonlayer_keys(bb).items()}
     for short, parts in LAYER_KEYS.items():
         shapes = [expected[f"model.layers.0.{p}"] for p in parts]

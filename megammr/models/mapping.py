@@ -19,8 +19,13 @@ import os
 from typing import Callable, Iterator, Optional
 
 import torch
+from safetensors import safe_open
 
 from megammr.backbones import Backbone
+from megammr.models.checkpoint_io import CheckpointError
+
+# lazy in this module: megatron-core (~2.5 s of imports), in load_hf_into_model only; the checkpoint
+# converter (models/convert.py, tools/convert_checkpoint.py) moves tensors without it.
 
 LM = "language_model."
 DEC = LM + "decoder.layers."
@@ -42,10 +47,6 @@ LOCAL_ALIASES = {"input_layernorm.weight": "self_attention.linear_qkv.layer_norm
 TP_DIM = {"self_attention.linear_qkv.weight": 0, "self_attention.linear_qkv.bias": 0,
           "self_attention.linear_proj.weight": 1, "mlp.linear_fc1.weight": 0, "mlp.linear_fc2.weight": 1,
           "self_attention.linear_qkv.layer_norm_weight": None, "mlp.linear_fc1.layer_norm_weight": None}
-
-
-class CheckpointError(RuntimeError):
-    """A wrong or incomplete checkpoint; the message names the file and tensor."""
 
 
 def normalize_hf_name(name: str) -> str:
@@ -113,9 +114,7 @@ class HFReader:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.exists(cfg_path):
             raise CheckpointError(f"{path}: no config.json")
-        with open(cfg_path) as f:
-            self.config = json.load(f)
-        self.backbone = bb or Backbone.from_hf_config(self.config)
+        self.backbone = bb or Backbone.from_hf_dir(path)
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.exists(index):
             with open(index) as f:
@@ -146,7 +145,6 @@ class HFReader:
 
     def _open(self, fname: str):
         """safe_open naming the file when it is truncated or not safetensors at all."""
-        from safetensors import safe_open
         try:
             return safe_open(os.path.join(self.path, fname), "pt")
         except Exception as e:  # SafetensorError, OSError
@@ -313,7 +311,7 @@ def _layer_offset(model) -> int:
     return (layers[0].layer_number - 1) if len(layers) else 0
 
 
-__all__ = ["CheckpointError", "HFReader", "LAYER_KEYS", "global_layer_to_hf", "global_nonlayer_keys",
+__all__ = ["HFReader", "LAYER_KEYS", "global_layer_to_hf", "global_nonlayer_keys",
            "hf_layer_to_global", "hf_param_shapes", "hf_shapes", "load_hf_into_model", "local_to_global_name", "normalize_hf_name",
            "qkv_interleave", "qkv_split", "tp_slice"]
 

@@ -5,7 +5,7 @@
 
 For each HF directory the Megatron model is built at this layout and filled either from the HF
 weights directly (megammr.models.mapping.load_hf_into_model) or, with --ckpt, from a torch_dist
-checkpoint; both models run a text-only prompt and a prompt with two images of different sizes
+checkpoint (megammr.models.checkpoint_io.load_mcore_checkpoint, as every phase starts); both models run a text-only prompt and a prompt with two images of different sizes
 (float32); the last pipeline stage gathers the tensor-parallel logits and reports the max absolute
 difference per case as `RESULT {json}` (and into --out). Used by tests/dist/test_model_parity.py
 and `tools/convert_checkpoint.py check`.
@@ -14,17 +14,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 
 import numpy as np
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+from PIL import Image
+from transformers import Qwen2_5_VLForConditionalGeneration
+
+from megammr import runtime
+from megammr.backbones import Backbone
+from megammr.config import load_recipe
+from megammr.models.checkpoint_io import load_mcore_checkpoint
+from megammr.models.mapping import load_hf_into_model
+from megammr.models.processor import load_processor
+from megammr.models.vlm import build_model, mrope_position_ids
 
 
 def parity_inputs(hf_dir: str, seed: int = 0) -> dict[str, dict]:
     """Processor outputs for a text-only and a two-image prompt (images of different sizes)."""
-    from PIL import Image
-    from megammr.models.processor import load_processor
-
     proc = load_processor(hf_dir)
     rng = np.random.default_rng(seed)
     q = "Solve 2x + 3 = 11 and explain the steps. <think>"
@@ -38,7 +47,6 @@ def parity_inputs(hf_dir: str, seed: int = 0) -> dict[str, dict]:
 
 
 def hf_logits(hf_dir: str, inputs: dict) -> torch.Tensor:
-    from transformers import Qwen2_5_VLForConditionalGeneration
     model = Qwen2_5_VLForConditionalGeneration.from_pretrained(hf_dir, dtype=torch.float32).eval()
     with torch.no_grad():
         return model(**inputs).logits.float()
@@ -46,12 +54,6 @@ def hf_logits(hf_dir: str, inputs: dict) -> torch.Tensor:
 
 def megatron_logits(model, inputs: dict):
     """Logits [b, s, vocab] on the last stage (TP gathered), None elsewhere."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
-
-    from megammr.models.vlm import mrope_position_ids
-
     ids = inputs["input_ids"]
     pos = mrope_position_ids(ids, model.backbone, inputs.get("image_grid_thw"))
     batch = dict(input_ids=ids, position_ids=pos, pixel_values=inputs.get("pixel_values"),
@@ -68,29 +70,6 @@ def megatron_logits(model, inputs: dict):
     return res[0]["logits"].float() if ps.is_pipeline_last_stage() else None
 
 
-def load_mcore_checkpoint(model, ckpt_dir: str) -> None:
-    """Load a torch_dist checkpoint into this rank's model (any TP/PP).
-
-    `_extra_state` objects missing from the checkpoint are skipped: checkpoints written by the
-    converter carry weights only, and TE's FP8 metadata starts fresh.
-    """
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    from torch.distributed.checkpoint import FileSystemReader
-
-    sd = model.sharded_state_dict()
-    stored = set(FileSystemReader(ckpt_dir).read_metadata().state_dict_metadata.keys())
-    sd = {k: v for k, v in sd.items() if not (isinstance(v, ShardedObject) and v.unique_key not in stored)}
-    state = dist_checkpointing.load(sd, ckpt_dir)
-    # A trainer checkpoint also holds the optimizer's common state: this loads the model only.
-    state = {k: v for k, v in state.items() if k in sd}
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("_extra_state")]
-    if missing or unexpected:
-        raise RuntimeError(f"{ckpt_dir}: missing {missing[:5]} unexpected {unexpected[:5]}")
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--hf", action="append", required=True, help="HF directory (repeatable)")
@@ -100,13 +79,6 @@ def main(argv=None):
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
 
-    from megammr import runtime
-    from megammr.backbones import Backbone
-    from megammr.config import load_recipe
-    from megammr.models.mapping import load_hf_into_model
-    from megammr.models.vlm import build_model
-    from megatron.core import parallel_state as ps
-
     # model.hf_path: the layout is checked against the model under test, not the default backbone
     recipe = load_recipe(None, [f"parallel.tp={args.tp}", f"parallel.pp={args.pp}", "model.precision=fp32",
                                 f"model.hf_path={args.hf[0]}"])
@@ -114,8 +86,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     results = {}
     for i, hf_dir in enumerate(args.hf):
-        with open(os.path.join(hf_dir, "config.json")) as f:
-            bb = Backbone.from_hf_config(json.load(f))
+        bb = Backbone.from_hf_dir(hf_dir)
         model = build_model(bb, recipe.model, perform_initialization=False)
         if i < len(args.ckpt):
             load_mcore_checkpoint(model, args.ckpt[i])

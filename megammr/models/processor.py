@@ -10,6 +10,10 @@ from __future__ import annotations
 
 import importlib.util
 
+# lazy in this module: transformers (~0.5 s of imports), when a processor is loaded. The engines,
+# the trainer's setup and the warm-up import this module, and the recipe checks run before any
+# processor is needed.
+
 
 def _image_only_class():
     from transformers import Qwen2_5_VLProcessor

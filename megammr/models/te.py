@@ -20,7 +20,10 @@ FP8 autocast: it always runs in BF16 (its MLP width 3420 is not a multiple of 16
 """
 from __future__ import annotations
 
+import os
 from typing import Optional
+
+from megammr.versions import installed_version, version_at_least
 
 INSTALL_HINT = 'pip install -e ".[gpu]"'
 # (minimum TE version, compute capability range [lo, hi) or None) per megatron fp8_recipe
@@ -33,35 +36,14 @@ FP8_RECIPES = {
 FP8_AMAX_HISTORY = 1024
 
 
-def version_tuple(v: str) -> tuple[int, ...]:
-    """The leading numeric release parts: "2.3.0.dev0+5fdd7bb" -> (2, 3, 0) (TE's and vLLM's version gates)."""
-    out = []
-    for part in v.replace("+", ".").replace("-", ".").split("."):
-        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
-        if not digits:
-            break
-        out.append(int(digits))
-    return tuple(out)
-
-
-def version_at_least(v: Optional[str], minimum: str) -> bool:
-    return v is not None and version_tuple(v) >= version_tuple(minimum)
-
-
 def te_version() -> Optional[str]:
     """The installed transformer-engine version (metadata only: nothing is imported), or None."""
-    import importlib.metadata as md
-    for dist in ("transformer-engine", "transformer_engine", "transformer-engine-torch"):
-        try:
-            return md.version(dist)
-        except md.PackageNotFoundError:
-            continue
-    return None
+    return installed_version("transformer-engine", "transformer_engine", "transformer-engine-torch")
 
 
 def require_te():
     """Import transformer_engine, or a one-line RuntimeError naming the extra to install."""
-    try:
+    try:  # lazy: TE is an optional GPU extra and cannot be imported without CUDA
         import transformer_engine  # noqa: F401
         import transformer_engine.pytorch  # noqa: F401
     except Exception as e:  # ImportError, or an OSError from its CUDA libraries
@@ -127,11 +109,10 @@ def fp8_problems(fp8_recipe: str, te_ver: Optional[str], capability: Optional[tu
 def prepare_fp8_env(fp8_recipe: str, environ=None) -> None:
     """Environment TE reads when it initialises: blockwise scaling wants FP32 scales (as slime and
     verl set it); set before TE builds its first FP8 tensor, never overriding the user's choice."""
-    import os
     env = os.environ if environ is None else environ
     if fp8_recipe == "blockwise":
         env.setdefault("NVTE_FP8_BLOCK_SCALING_FP32_SCALES", "1")
 
 
 __all__ = ["FP8_RECIPES", "INSTALL_HINT", "fp8_config_fields", "fp8_pad_multiple", "fp8_problems",
-           "fp8_shape_problems", "prepare_fp8_env", "require_te", "te_version", "version_at_least"]
+           "fp8_shape_problems", "prepare_fp8_env", "require_te", "te_version"]

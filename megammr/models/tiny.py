@@ -23,6 +23,8 @@ from collections import Counter
 from typing import Iterator, Optional
 
 import torch
+from safetensors.torch import save_file
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
 
 from megammr.models.mapping import hf_param_shapes
 
@@ -134,8 +136,6 @@ def _learn_bpe(words: list[str], n_merges: int) -> list[tuple[str, str]]:
 
 def build_tokenizer(n_merges: int = 400):
     """A byte-level BPE `tokenizers.Tokenizer` with Qwen2's normaliser, pre-tokenizer and decoder."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
-
     pre = pre_tokenizers.Sequence([
         pre_tokenizers.Split(Regex(QWEN_SPLIT_REGEX), behavior="isolated", invert=False),
         pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
@@ -275,8 +275,6 @@ def write_tiny_model(out_dir: str, seed: int = 0, tie_word_embeddings: bool = Tr
     way). With `max_shard_bytes` the weights are split into model-0000k-of-0000n.safetensors shards
     with a model.safetensors.index.json, like the published repositories.
     """
-    from safetensors.torch import save_file
-
     os.makedirs(out_dir, exist_ok=True)
     # Weights of an earlier write (other sharding) would shadow these: readers prefer an index.
     for name in os.listdir(out_dir):

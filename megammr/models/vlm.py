@@ -17,16 +17,25 @@ from typing import Optional
 
 import torch
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedTensor
+from megatron.core.enums import ModelType
+from megatron.core.models.gpt import GPTModel
+from megatron.core.models.gpt import gpt_layer_specs as specs
+from megatron.core.tensor_parallel import layers as tpl
+from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megammr.backbones import Backbone, check_parallel_layout
+from megammr import runtime
+from megammr.backbones import Backbone, check_parallel_layout, get_backbone
+from megammr.config import ModelConfig
+from megammr.models.attention import SDPADotProductAttention
+from megammr.models.te import fp8_config_fields, prepare_fp8_env, require_te
 from megammr.models.vision import VisionTower
 
 
 def transformer_config(bb: Backbone, tp: int, pp: int, cfg, *, perform_initialization: bool, **overrides):
     """TransformerConfig of the decoder of `bb` at TP=`tp`, PP=`pp`; numerics from `cfg`, a recipe's
     ModelConfig section (precision, fp8_recipe, recompute)."""
-    from megatron.core.transformer.transformer_config import TransformerConfig
-
     precision, fp8_recipe, recompute = cfg.precision, cfg.fp8_recipe, cfg.recompute
     check_parallel_layout(bb, tp, pp)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp8": torch.bfloat16}[precision]
@@ -47,7 +56,6 @@ def transformer_config(bb: Backbone, tp: int, pp: int, cfg, *, perform_initializ
     if tp > 1 or pp > 1:
         kw["sequence_parallel"] = False
     # FP8 in the decoder only (megammr.models.te: format, recipe, BF16 first/last layers, bf16 weights)
-    from megammr.models.te import fp8_config_fields
     kw.update(fp8_config_fields(precision, fp8_recipe, bb.num_layers, pp))
     if recompute:
         kw.update(recompute_granularity=recompute)
@@ -59,16 +67,12 @@ def transformer_config(bb: Backbone, tp: int, pp: int, cfg, *, perform_initializ
 
 def layer_spec(name: str):
     """megatron-core ModuleSpec of one decoder layer: 'te' (TransformerEngine) or 'local' (pure torch)."""
-    from megatron.core.models.gpt import gpt_layer_specs as specs
-
     if name == "local":
-        from megammr.models.attention import SDPADotProductAttention
         spec = specs.get_gpt_layer_local_spec(normalization="RMSNorm", qk_layernorm=False)
         # megatron's local DotProductAttention keeps the full score matrix: SDPA is ~2-3x faster on CPU
         spec.submodules.self_attention.submodules.core_attention = SDPADotProductAttention
         return spec
     if name == "te":
-        from megammr.models.te import require_te
         require_te()  # one-line error naming the extra when TE cannot be imported
         # qk_layernorm is the only keyword passed: it exists in megatron-core 0.16 and 0.19 alike
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=False)
@@ -86,8 +90,6 @@ class Qwen25VLModel(torch.nn.Module):
     def __init__(self, bb: Backbone, config, spec, pre_process: bool = True, post_process: bool = True,
                  vision_dtype: Optional[torch.dtype] = None):
         super().__init__()
-        from megatron.core.models.gpt import GPTModel
-
         if config.sequence_parallel:
             raise ValueError("sequence parallelism is not supported by the Qwen2.5-VL model (image features "
                              "are merged into a full-sequence embedding)")
@@ -101,7 +103,6 @@ class Qwen25VLModel(torch.nn.Module):
             rotary_base=int(bb.rope_theta) if float(bb.rope_theta).is_integer() else bb.rope_theta,
         )
         # megatron's schedules and finalize_model_grads look for these on the model they drive
-        from megatron.core.enums import ModelType
         self.model_type = ModelType.encoder_or_decoder
         self.share_embeddings_and_output_weights = bb.tie_word_embeddings
 
@@ -113,9 +114,6 @@ class Qwen25VLModel(torch.nn.Module):
         return self.language_model.shared_embedding_or_output_weight()
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
-        from megatron.core import parallel_state as ps
-        from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
         sd = self.language_model.sharded_state_dict(prefix=f"{prefix}language_model.", metadata=metadata)
         if self.vision_model is not None:
             # Replicated over TP and DP: one main replica (tp rank 0, dp rank 0) writes each tensor.
@@ -157,13 +155,10 @@ def build_model(bb: Backbone, cfg, *, perform_initialization: bool, pre_process:
     cfg: a recipe's ModelConfig section (layer_spec, precision, fp8_recipe, recompute,
     freeze_vision). perform_initialization=False skips megatron's random init (weights loaded next).
     pre_process / post_process (None: from the pipeline stage) build the embedding / output layer."""
-    from megatron.core import parallel_state as ps
-
     if cfg.precision == "fp8" and cfg.layer_spec != "te":
         raise ValueError("model.precision=fp8 needs model.layer_spec=te")
     tp, pp = ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size()
     if cfg.precision == "fp8":
-        from megammr.models.te import prepare_fp8_env
         prepare_fp8_env(cfg.fp8_recipe)
     tcfg = transformer_config(bb, tp, pp, cfg, perform_initialization=perform_initialization)
     pre = ps.is_pipeline_first_stage() if pre_process is None else pre_process
@@ -172,7 +167,7 @@ def build_model(bb: Backbone, cfg, *, perform_initialization: bool, pre_process:
     vision = model.vision_model
     if vision is not None and torch.cuda.is_available() and next(vision.parameters()).device.type == "cpu":
         # megatron allocates the decoder on the current GPU itself; the vision tower is a plain module
-        vision.to(torch.device("cuda", torch.cuda.current_device()))
+        vision.to(runtime.device())
     mark_tensor_parallel_weights(model)
     if cfg.freeze_vision and model.vision_model is not None:
         model.vision_model.requires_grad_(False)
@@ -187,8 +182,6 @@ def mark_tensor_parallel_weights(model) -> int:
     parallel linears and of the vocab-parallel embedding lack them, while their biases have them.
     The grad norm then counts such a weight as a TP-replicated duplicate (rank 0's slice only),
     and gradient clipping is wrong at TP > 1. Returns the number of weights marked."""
-    from megatron.core.tensor_parallel import layers as tpl
-
     dims = {tpl.ColumnParallelLinear: 0, tpl.VocabParallelEmbedding: 0, tpl.RowParallelLinear: 1}
     n = 0
     for module in model.modules():
@@ -202,16 +195,10 @@ def mark_tensor_parallel_weights(model) -> int:
 
 def build_from_recipe(recipe, bb: Optional[Backbone] = None) -> Qwen25VLModel:
     """The model of a recipe: backbone from model.hf_path's config.json when given, else the table."""
-    import json
-    import os
-
-    from megammr.backbones import get_backbone
-
     m = recipe.model
     if bb is None:
         if m.hf_path:
-            with open(os.path.join(m.hf_path, "config.json")) as f:
-                bb = Backbone.from_hf_config(json.load(f), name=m.backbone)
+            bb = Backbone.from_hf_dir(m.hf_path, name=m.backbone)
         else:
             bb = get_backbone(m.backbone)
     return build_model(bb, m, perform_initialization=True)
@@ -263,8 +250,6 @@ def count_parameters_meta(bb: Backbone) -> int:
     """Parameters of the whole model at TP=1/PP=1, built on the meta device (no memory used).
 
     Needs megatron parallel_state initialised with TP=1, PP=1 (megammr.runtime.init)."""
-    from megammr.config import ModelConfig
-
     # The count does not depend on the numerics; the local spec builds without CUDA.
     with torch.device("meta"):
         model = build_model(bb, ModelConfig(layer_spec="local"), perform_initialization=False, pre_process=True,

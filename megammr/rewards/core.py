@@ -6,6 +6,7 @@ debugger), but then nothing bounds its time: production code goes through `Rewar
 from __future__ import annotations
 
 import logging
+import math
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -13,6 +14,9 @@ from typing import Any, Optional
 
 from megammr.rewards import extract as ex
 
+# lazy in this module: math-verify and sympy (~2 s of imports), and safe_parse, which imports them.
+# The verifier processes import them once (ensure_ready); the trainer and `megammr score` import
+# this module for its dataclasses and never compare answers in-process.
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,6 @@ MAX_DIGITS = 1e5  # a number with more digits than this is never an answer worth
 def _log10_mag(e) -> Optional[float]:
     """log10 of |e| for a numeric sympy tree, estimated without evaluating it (inf when the
     exponent alone overflows a float); None when e is not a plain number."""
-    import math
     try:
         if e.is_Integer:
             return e.p.bit_length() * 0.30103

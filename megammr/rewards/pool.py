@@ -30,7 +30,12 @@ from dataclasses import dataclass, field
 from multiprocessing.connection import Connection, wait
 from typing import Optional, Sequence
 
+from megammr.config import RewardConfig
+from megammr.rewards import core
 from megammr.rewards.core import RewardItem, RewardResult, Weights
+
+# lazy in this module: megammr.runtime (stop_signals_blocked in _start), which imports torch. The
+# verifier processes import this module (worker_main) and must start without torch.
 
 log = logging.getLogger(__name__)
 
@@ -39,18 +44,18 @@ _STARTUP_LIMIT_S = 120.0  # a worker that cannot import math-verify in this long
 
 def worker_main(conn_in, conn_out, weights: Weights, memory_mb: int):
     """Verifier process: import and warm up, say ready, then score items until told to stop."""
-    # Ctrl-C and the stop signals (Slurm sends them to every process of a step) are the trainer's
-    # to handle; a worker ends when its pipe closes or is killed (SIGKILL) on a timeout.
+    # Ctrl-C and the stop signals (runtime.STOP_SIGNALS; Slurm sends them to every process of a step)
+    # are the trainer's to handle; a worker ends when its pipe closes or is killed (SIGKILL) on a
+    # timeout. Named here, not imported: megammr.runtime imports torch, which a worker never needs.
     for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(sig, signal.SIG_IGN)
     if memory_mb > 0:
-        try:
+        try:  # lazy: resource is Unix-only
             import resource
             limit = memory_mb * 1024 * 1024
             resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
         except (ImportError, ValueError, OSError):
             pass
-    from megammr.rewards import core
     core.ensure_ready()
     conn_out.send(("ready", os.getpid()))
     while True:
@@ -106,7 +111,6 @@ class RewardPool:
 
     def __init__(self, cfg=None, *, workers: Optional[int] = None, timeout_s: Optional[float] = None):
         if cfg is None:
-            from megammr.config import RewardConfig
             cfg = RewardConfig()
         self.weights = Weights.from_config(cfg)
         self.n_workers = int(workers if workers is not None else cfg.workers)

@@ -25,7 +25,12 @@ import logging
 import re
 import sys
 
+import latex2sympy2_extended.latex2sympy2 as l2s
+import math_verify.parser as mvp
 import sympy
+import sympy.parsing
+import sympy.parsing.sympy_parser as sp
+import sympy.physics.units  # noqa: F401  (imported lazily inside sympy, and it sympifies strings: see install)
 
 MAX_CHARS = 2000   # longer plain-text expressions are not answers
 MAX_DEPTH = 60     # parenthesis / unary / power nesting; keeps far below the recursion limit
@@ -148,18 +153,13 @@ def install(warmup=None) -> None:
     """Swap parse_expr for safe_parse_expr everywhere the verifier can reach it (idempotent).
 
     `warmup()` runs first with sympy's own parser: sympy imports some modules lazily (e.g.
-    sympy.physics.units from simplify) and those sympify constant strings at import time."""
+    sympy.physics.units from simplify, imported at the top here) and those sympify constant strings
+    at import time."""
     global _installed
     if _installed:
         return
-    import sympy.physics.units  # noqa: F401  (lazy import inside sympy; see above)
     if warmup is not None:
         warmup()
-    import sympy.parsing
-    import sympy.parsing.sympy_parser as sp
-    import latex2sympy2_extended.latex2sympy2 as l2s
-    import math_verify.parser as mvp
-
     for mod in (sp, sympy.parsing, l2s, mvp, sympy):
         if hasattr(mod, "parse_expr"):
             setattr(mod, "parse_expr", safe_parse_expr)

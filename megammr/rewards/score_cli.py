@@ -17,6 +17,9 @@ import os
 import sys
 from typing import Optional
 
+from megammr.config import RecipeError, RewardConfig, load_recipe
+from megammr.rewards import RewardItem, RewardPool
+
 CHUNK = 2048  # lines scored per pool call: bounds memory on large files
 
 
@@ -33,7 +36,6 @@ def add_arguments(p: argparse.ArgumentParser):
 
 def _parse_line(lineno: int, raw: bytes):
     """-> (item or None, the object to write back or None, error message or None)."""
-    from megammr.rewards import RewardItem
     text = raw.decode("utf-8", "replace")  # invalid UTF-8 bytes become U+FFFD; the line is still scored
     try:
         obj = json.loads(text)
@@ -105,9 +107,6 @@ def _fail(msg: str) -> int:
 
 
 def run(args) -> int:
-    from megammr.config import RecipeError, RewardConfig, load_recipe
-    from megammr.rewards import RewardPool
-
     try:
         cfg = load_recipe(args.recipe, args.override).reward if (args.recipe or args.override) else RewardConfig()
     except RecipeError as e:

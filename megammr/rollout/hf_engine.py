@@ -22,7 +22,11 @@ import numpy as np
 import torch
 
 from megammr.models.mapping import normalize_hf_name
+from megammr.models.processor import load_processor
 from megammr.rollout.base import Rollout, RolloutEngine, SamplingParams
+
+# lazy in this module: transformers (~0.5 s of imports), when an engine is made. The registry
+# imports this module to resolve rollout.engine=auto while `megammr train` checks a recipe.
 
 
 class _GumbelSampler:
@@ -96,8 +100,6 @@ class TransformersEngine(RolloutEngine):
     @classmethod
     def from_pretrained(cls, path: str, *, device: str = "cpu", dtype: torch.dtype = torch.float32, **kw):
         from transformers import Qwen2_5_VLForConditionalGeneration
-
-        from megammr.models.processor import load_processor
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype)
         return cls(model, load_processor(path), device=device, **kw)
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 from typing import Union
 
+from megammr.config import RolloutConfig
 from megammr.rollout.base import RolloutEngine
 
 ENGINES: dict[str, Union[str, type[RolloutEngine]]] = {
@@ -54,8 +55,6 @@ def resolve_engine(name: str, cuda: bool) -> tuple[str, str]:
 def check_engine(recipe, name: str, cuda: bool) -> tuple[list[str], list[str]]:
     """(errors, warnings) of running `recipe` with engine `name` on this machine: the rollout.*
     settings of other engines it cannot honour, then the engine's own checks."""
-    from megammr.config import RolloutConfig
-
     cls, defaults = engine_class(name), RolloutConfig()
     errors, seen = [], set(cls.settings)
     for other in ENGINES:

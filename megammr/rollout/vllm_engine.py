@@ -34,28 +34,34 @@ external launcher, logprobs_mode):
 """
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from typing import Any, Iterable, Optional, Sequence
 
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from megammr import runtime
+from megammr.models.processor import load_processor
 from megammr.rollout.base import Rollout, RolloutEngine, RolloutPrompt, SamplingParams
+from megammr.versions import installed_version, version_tuple
+
+# lazy in this module: vllm itself (an optional GPU extra; the registry imports this module on
+# CPU machines too), in require_vllm() and _process_after_loading().
 
 INSTALL_HINT = 'pip install -e ".[gpu]"'
 # The supported range [min, max), pinned the same in pyproject's `gpu` extra: below min a feature
 # the engine needs is missing (processed log-probs 0.10.2, wake tags 0.8.3, encoder-cache reset
-# ~0.16); max is one past the newest release the code was written against (0.33). No version has
-# run here yet: tests/gpu/test_vllm_gpu.py is the check (README "GPU path").
+# ~0.16); max is one past the newest release the code was written against (0.33).
+# tests/gpu/test_vllm_gpu.py checks an installed version (README "GPU path").
 MIN_VERSION, MAX_VERSION = "0.16", "0.34"
 IMAGE_PAD = "<|image_pad|>"
 
 
 class EngineUnavailable(RuntimeError):
     """The vLLM engine cannot be used in this process (package, CUDA or version); one line."""
-
-
-def _vt(v: str) -> tuple[int, ...]:
-    from megammr.models.te import version_tuple
-    return version_tuple(v)
 
 
 @dataclass(frozen=True)
@@ -70,7 +76,7 @@ class VLLMFeatures:
 
 
 def features_for(version: str) -> VLLMFeatures:
-    v = _vt(version)
+    v = version_tuple(version)
     # With external_launcher the model lives in this process, so the in-process load_weights path
     # (through LLM.apply_model) is used at every version. vLLM's native weight-transfer API is
     # designed for an engine in another process (Ray/HTTP, NCCL or CUDA IPC), which this build
@@ -84,10 +90,10 @@ def version_problems(version: Optional[str]) -> tuple[list[str], list[str]]:
     """(errors, warnings) of an installed vLLM version against the tested range."""
     if version is None:
         return [f"rollout.engine=vllm: vLLM is not installed ({INSTALL_HINT})"], []
-    if _vt(version) < _vt(MIN_VERSION):
+    if version_tuple(version) < version_tuple(MIN_VERSION):
         return [f"rollout.engine=vllm: vLLM {version} is older than {MIN_VERSION} (processed log-probs, wake tags "
                 f"and the encoder-cache reset are needed); {INSTALL_HINT}"], []
-    if _vt(version) >= _vt(MAX_VERSION):
+    if version_tuple(version) >= version_tuple(MAX_VERSION):
         return [], [f"vLLM {version} is newer than the supported range [{MIN_VERSION}, {MAX_VERSION}): "
                     "run tests/gpu/test_vllm_gpu.py with it (tools/gpu_check.sh)"]
     return [], []
@@ -95,11 +101,7 @@ def version_problems(version: Optional[str]) -> tuple[list[str], list[str]]:
 
 def vllm_version() -> Optional[str]:
     """The installed vLLM's version from its metadata (nothing imported), or None."""
-    import importlib.metadata as md
-    try:
-        return md.version("vllm")
-    except md.PackageNotFoundError:
-        return None
+    return installed_version("vllm")
 
 
 def require_vllm():
@@ -139,7 +141,6 @@ def launcher_env(rank: int, local_rank: int, world_size: int, master_addr: str, 
 
 def request_seed(seed: int, prompt_index: int) -> int:
     """The seed of prompt i's request (its n samples come from that request's generator)."""
-    import numpy as np
     return int(np.random.SeedSequence([seed % 2**64, prompt_index]).generate_state(2, np.uint64)[0] >> 1)
 
 
@@ -212,7 +213,6 @@ def extract_rollouts(outputs: Sequence[Any], n: int) -> list[Rollout]:
 
 def stop_token_ids(hf_path: str, tokenizer) -> list[int]:
     """End-of-turn ids as the transformers engine uses them: generation_config's eos ids + <|im_end|>."""
-    import json
     ids = set()
     path = os.path.join(hf_path, "generation_config.json")
     if os.path.isfile(path):
@@ -287,21 +287,19 @@ class VLLMEngine(RolloutEngine):
     @classmethod
     def build(cls, recipe, rt, *, group, leader: int, is_leader: bool) -> "VLLMEngine":
         """Build vllm.LLM in this process (every rank of the world, before Megatron allocates)."""
-        import torch
         if not torch.cuda.is_available():
             raise EngineUnavailable("rollout.engine=vllm needs CUDA (no GPU is visible); use "
                                     "rollout.engine=transformers on CPU")
         errors, warnings = version_problems(vllm_version())
         if errors:
             raise EngineUnavailable(errors[0])
-        for w in warnings if rt.env.rank == 0 else ():
+        for w in warnings if runtime.is_rank0() else ():
             print(f"megammr: warning: {w}", flush=True)
         vllm = require_vllm()
         tp = recipe.rollout.tp or recipe.parallel.tp
         env = rt.env
         os.environ.update(launcher_env(env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port))
         llm = vllm.LLM(**llm_kwargs(recipe, rank=env.rank, tp=tp))
-        from megammr.models.processor import load_processor
         tok = load_processor(recipe.model.hf_path).tokenizer
         eng = cls(llm, vllm.SamplingParams, stop_ids=stop_token_ids(recipe.model.hf_path, tok),
                   max_images=recipe.rollout.max_images, sleep_level=recipe.rollout.sleep_level, group=group,
@@ -369,14 +367,13 @@ class VLLMEngine(RolloutEngine):
 
     def _process_after_loading(self, model) -> None:
         try:
-            import torch
             from vllm.config import set_current_vllm_config
             from vllm.model_executor.model_loader.utils import process_weights_after_loading
         except ImportError:
             return  # stand-ins in tests; a vLLM without these has nothing to post-process for bf16
         cfg = self.llm.llm_engine.vllm_config
         with set_current_vllm_config(cfg):
-            process_weights_after_loading(model, cfg.model_config, torch.device("cuda", torch.cuda.current_device()))
+            process_weights_after_loading(model, cfg.model_config, runtime.device())
 
     def reset_caches(self) -> None:
         ok = self.llm.reset_prefix_cache()
@@ -403,7 +400,6 @@ class VLLMEngine(RolloutEngine):
         if n < 1:
             raise ValueError("n must be >= 1")
         if sampling.seed is None and sampling.temperature > 0:
-            import torch
             sampling = SamplingParams(**{**vars(sampling), "seed": int(torch.randint(0, 2**62, (1,)).item())})
         plain = [RolloutPrompt(text=p.text, images=list(getattr(p, "images", None) or [])) for p in prompts]
         self._send(("generate", plain, n, sampling))
@@ -428,16 +424,13 @@ class VLLMEngine(RolloutEngine):
     # ------------------------------------------------------------------ the follower protocol
     def _send(self, payload) -> None:
         if self.is_leader and self._group_size() > 1:
-            import torch.distributed as dist
             dist.broadcast_object_list([payload], src=self.leader, group=self.group)
 
     def _group_size(self) -> int:
-        import torch.distributed as dist
         return dist.get_world_size(self.group) if self.group is not None and dist.is_initialized() else 1
 
     def follow_rollouts(self) -> int:
         """Non-leader ranks: run the leader's generate calls until it finishes; returns how many."""
-        import torch.distributed as dist
         calls = 0
         while True:
             box = [None]

@@ -32,6 +32,8 @@ from typing import Optional
 
 import torch
 
+from megammr.models.vlm import mrope_position_ids
+
 IGNORE = -100
 
 
@@ -123,8 +125,6 @@ def plan_micro_batches(lengths: list[int], *, micro_batch_size: int, max_tokens:
 def make_micro_batches(samples: list[Sample], backbone, *, pad_id: int, micro_batch_size: int,
                        max_tokens: Optional[int] = None, fixed_shape: bool = False) -> list[MicroBatch]:
     """Right-padded micro-batches of `samples`; every sample lands in exactly one row."""
-    from megammr.models.vlm import mrope_position_ids
-
     lengths = _checked_lengths(samples)
     plans = plan_micro_batches(lengths, micro_batch_size=micro_batch_size, max_tokens=max_tokens,
                                fixed_shape=fixed_shape)
@@ -212,8 +212,6 @@ def make_packed_micro_batches(samples: list[Sample], backbone, *, pad_id: int, m
                               max_tokens: Optional[int] = None, fixed_shape: bool = False,
                               multiple: int = 1) -> list[MicroBatch]:
     """Packed (THD) micro-batches of `samples` (module docstring); every sample is in exactly one pack."""
-    from megammr.models.vlm import mrope_position_ids
-
     multiple = max(1, int(multiple))
     lengths = _checked_lengths(samples)
     padded = [n + (-n % multiple) for n in lengths]

@@ -19,14 +19,26 @@ import json
 import os
 import random
 import shutil
+import signal
 import time
+from multiprocessing import resource_tracker
 from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megammr.models.mapping import CheckpointError
+from megammr.config import to_dict
+from megammr.models.checkpoint_io import CheckpointError
+from megammr.runtime import STOP_SIGNALS, barrier, device, is_rank0, stop_signals_blocked
+
+try:  # a megatron-core without it keeps its own writer start (start_writer)
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+except ImportError:
+    filesystem_async = None
 
 FORMAT = 1
 # Recipe fields that may differ on resume without changing the result.
@@ -56,13 +68,7 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _barrier():
-    if dist.is_initialized():
-        dist.barrier()
-
-
 def rng_state() -> dict:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
              "tracker": get_cuda_rng_tracker().get_states()}
     if torch.cuda.is_available():
@@ -71,7 +77,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -115,36 +120,31 @@ def resolve(path: str) -> str:
 
 def save(parts, step: int, counters: dict, loader) -> str:
     """Write checkpoint `step` of this run (every rank calls it); return its directory."""
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
-    from megammr.config import to_dict
-
     r = parts.recipe
     root = os.path.join(r.train.output_dir, "checkpoints")
     name = f"step_{step:06d}"
     final, tmp = os.path.join(root, name), os.path.join(root, name + ".tmp")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    if rank == 0:
+    rank, rank0 = (dist.get_rank() if dist.is_initialized() else 0), is_rank0()
+    if rank0:
         os.makedirs(root, exist_ok=True)
         for stale in os.listdir(root):  # a save killed half-way; never the pointer's target
             if stale.endswith(".tmp"):
                 shutil.rmtree(os.path.join(root, stale), ignore_errors=True)
         os.makedirs(tmp)
-    _barrier()
+    barrier()
     model_sd = parts.module.sharded_state_dict()
     dist_checkpointing.save({"model": model_sd, "optimizer": parts.optimizer.sharded_state_dict(model_sd)}, tmp)
     torch.save(rng_state(), os.path.join(tmp, f"rng_rank{rank}.pt"))
     if loader is not None:
         torch.save(loader.state_dict(), os.path.join(tmp, f"data_dp{ps.get_data_parallel_rank()}.pt"))
-    if rank == 0:
+    if rank0:
         meta = {"format": FORMAT, "step": step, "scheduler": parts.scheduler.state_dict(), "counters": counters,
                 "recipe": to_dict(r), "layout": {"world_size": dist.get_world_size() if dist.is_initialized() else 1,
                                                  "tp": r.parallel.tp, "pp": r.parallel.pp}}
         with open(os.path.join(tmp, "megammr.json"), "w") as f:
             json.dump(meta, f, indent=1, default=str)
-    _barrier()
-    if rank == 0:
+    barrier()
+    if rank0:
         _fsync_tree(tmp)
         if os.path.isdir(final):
             shutil.rmtree(final)
@@ -161,7 +161,7 @@ def save(parts, step: int, counters: dict, loader) -> str:
         for old in done[:-r.train.keep_checkpoints]:
             if old != name:
                 shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -183,9 +183,6 @@ def recipe_changes(saved: dict, now: dict) -> list[str]:
 
 def load(parts, path: str, loader) -> dict:
     """Restore model, optimizer, schedule, data and RNG state from `path`; returns its metadata."""
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-
     with open(os.path.join(path, "megammr.json")) as f:
         meta = json.load(f)
     if meta.get("format") != FORMAT:
@@ -234,13 +231,9 @@ def start_writer() -> None:
     default signal dispositions); a preemption signal that Slurm sends to the whole step would then
     kill it and with it the very checkpoint the signal asks for. Started here, it has them blocked.
     (A megatron-core without this helper just keeps its own behaviour.)"""
-    from megammr.runtime import stop_signals_blocked
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-        get_queue = filesystem_async._get_write_results_queue
-    except (ImportError, AttributeError):
+    get_queue = getattr(filesystem_async, "_get_write_results_queue", None)
+    if get_queue is None:
         return
-    from multiprocessing import resource_tracker
     with stop_signals_blocked():
         resource_tracker.ensure_running()  # the manager needs it; starting it unblocks SIGTERM again, so:
         with stop_signals_blocked():
@@ -276,31 +269,27 @@ class StopRequest:
     The handler only sets a flag, so a second signal during the checkpoint changes nothing. Ranks
     agree once per step with one all-reduce (a signal may reach the ranks at different times)."""
 
-    SIGNALS = ("SIGTERM", "SIGUSR1")
+    SIGNALS = STOP_SIGNALS
 
     def __init__(self):
         self.flag, self.signal, self._old = False, None, {}
 
     def __enter__(self):
-        import signal
         for name in self.SIGNALS:
             sig = getattr(signal, name)
             self._old[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
-        import signal
         self.flag, self.signal = True, signal.Signals(signum).name
 
     def __exit__(self, *exc):
-        import signal
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
     def agreed(self) -> bool:
         x = torch.tensor([1.0 if self.flag else 0.0])
         if dist.is_initialized() and dist.get_world_size() > 1:
-            if torch.cuda.is_available():
-                x = x.cuda()
+            x = x.to(device())
             dist.all_reduce(x, op=dist.ReduceOp.MAX)
         return bool(x.item() > 0)

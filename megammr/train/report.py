@@ -12,7 +12,9 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
+from megammr import runtime
 from megammr.config import to_dict
 from megammr.train.experience import ExperienceStats
 from megammr.train.step import SUM_KEYS
@@ -41,8 +43,6 @@ def step_metrics(parts, step: int, stats: ExperienceStats, updates, t: StageTime
     tensor rank 0 of each last pipeline stage; so each contribution is counted exactly once.
     Times, `elapsed` (wall seconds of the phase so far) and `offloaded_mb` are this rank's.
     """
-    from megatron.core import parallel_state as ps
-
     exp_keys = [f for f in vars(ExperienceStats()) if f not in ("time_generate", "time_reward")]
     is_src = parts.experience.is_src
     owner = ps.is_pipeline_last_stage() and ps.get_tensor_model_parallel_rank() == 0
@@ -51,8 +51,7 @@ def step_metrics(parts, step: int, stats: ExperienceStats, updates, t: StageTime
         vec += [u.sums[k] if owner else 0.0 for k in SUM_KEYS]
     x = torch.tensor(vec, dtype=torch.float64)
     if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-        x = x.to(dev)
+        x = x.to(runtime.device())
         dist.all_reduce(x)
         x = x.cpu()
     e = dict(zip(exp_keys, x[:len(exp_keys)].tolist()))

@@ -3,8 +3,9 @@ model, rollout engine, data, rewards, weight sync. `check_recipe` refuses what t
 before anything is started."""
 from __future__ import annotations
 
-import json
 import os
+import re
+import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -12,9 +13,25 @@ from typing import Any, Optional
 import torch
 import torch.distributed as dist
 
+from megammr import runtime
+from megammr.backbones import Backbone, get_backbone
 from megammr.config import Recipe, RecipeError
 from megammr.config.rules import layout_errors
+from megammr.data.loader import PhaseDataLoader
+from megammr.data.synthetic import write_all
+from megammr.metrics import wandb_missing_message
+from megammr.models import te
+from megammr.models.checkpoint_io import load_mcore_checkpoint
+from megammr.models.mapping import load_hf_into_model
+from megammr.models.processor import load_processor
+from megammr.models.tiny import write_tiny_model
+from megammr.rewards.pool import RewardPool
 from megammr.rollout.registry import check_engine, engine_class, resolve_engine
+from megammr.train.experience import Experience, replay_steps
+
+# lazy in this module: megatron-core (~2.5 s of imports) and the modules that import it or
+# transformers at their top (models.vlm, train.checkpoint, train.sync, warmup). `megammr train`
+# runs check_recipe before it launches anything, and a recipe error exits without paying for them.
 
 
 def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
@@ -44,28 +61,25 @@ def check_recipe(r: Recipe, world_size: int, cuda: bool) -> str:
         if not os.path.isdir(r.rollout.replay):
             errors.append(f"rollout.replay {r.rollout.replay}: no such directory")
         else:
-            from megammr.train.experience import replay_steps
             missing = sorted(set(range(1, r.train.steps + 1)) - replay_steps(r.rollout.replay))
             if missing:
                 errors.append(f"rollout.replay {r.rollout.replay}: no saved rollouts for steps {missing[:5]}"
                               f"{' ...' if len(missing) > 5 else ''} (train.steps={r.train.steps})")
     if r.train.wandb_project:
-        from megammr.metrics import wandb_missing_message
         if wandb_missing_message():
             errors.append(wandb_missing_message())
     if errors:
         raise RecipeError(errors)  # every problem, one line each
     # before the process group exists: the launcher's rank decides who speaks
-    if notes and (dist.get_rank() == 0 if dist.is_initialized() else _launcher_rank() == 0):
+    if notes and (runtime.is_rank0() if dist.is_initialized() else _launcher_rank() == 0):
         for note in notes:
             print(f"megammr train: {note}", flush=True)
     return engine
 
 
 def _launcher_rank() -> int:
-    from megammr.runtime import dist_env_from
     try:
-        return dist_env_from(os.environ).rank
+        return runtime.dist_env_from(os.environ).rank
     except RuntimeError:
         return 0
 
@@ -85,7 +99,6 @@ def _check_engine(r: Recipe, cuda: bool, errors: list, notes: list) -> str:
 
 def gpu_model_problems(r: Recipe, cuda: bool) -> list[str]:
     """What model.layer_spec=te / precision=fp8 cannot honour on this machine (TE is not imported)."""
-    from megammr.models import te
     m, out = r.model, []
     if m.layer_spec != "te":
         return out
@@ -107,12 +120,9 @@ def gpu_model_problems(r: Recipe, cuda: bool) -> list[str]:
 
 
 def _backbone_if_known(r: Recipe):
-    from megammr.backbones import Backbone, get_backbone
-    path = os.path.join(r.model.hf_path or "", "config.json")
     try:
-        if r.model.hf_path and os.path.isfile(path):
-            with open(path) as f:
-                return Backbone.from_hf_config(json.load(f), name=r.model.backbone)
+        if r.model.hf_path and os.path.isfile(os.path.join(r.model.hf_path, "config.json")):
+            return Backbone.from_hf_dir(r.model.hf_path, name=r.model.backbone)
         return get_backbone(r.model.backbone)
     except (ValueError, KeyError, OSError):
         return None  # reported elsewhere (config.json) or at model build
@@ -129,11 +139,6 @@ def prepare_tiny(r: Recipe, log=print) -> None:
     model.hf_path a random tiny Qwen2.5-VL given a short supervised format warm-up on the
     phase-1 data (megammr.warmup: without it a random model never writes the answer
     format, every reward is 0 and GRPO has nothing to learn from)."""
-    import re
-    import tempfile
-
-    from megammr.data.synthetic import write_all
-
     if not preparable_tiny(r):
         return
     data_roots = set()
@@ -151,7 +156,6 @@ def prepare_tiny(r: Recipe, log=print) -> None:
             write_all(root, progress=False)
             log(f"megammr train: bundled data ready in {time.perf_counter() - t0:.1f} s")
     if need_model:
-        from megammr.models.tiny import write_tiny_model
         from megammr.warmup import format_warmup
         root = sorted(data_roots)[-1]
         log(f"megammr train: preparing the tiny model in {r.model.hf_path} (random, then a supervised format "
@@ -193,9 +197,6 @@ def _mp_source() -> tuple[Any, int, bool]:
 
 
 def _load_initial_weights(module, r: Recipe, frozen: bool = False) -> None:
-    from megammr.models.mapping import load_hf_into_model
-    from megammr.models.parity import load_mcore_checkpoint
-
     if r.phase.init_from:
         from megammr.train.checkpoint import resolve
         try:
@@ -203,7 +204,7 @@ def _load_initial_weights(module, r: Recipe, frozen: bool = False) -> None:
         except (FileNotFoundError, RuntimeError) as e:
             raise RecipeError(f"phase.init_from: {e} (the previous phase has not finished?)") from None
         load_mcore_checkpoint(module, path)
-        if not frozen and (not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0):
+        if not frozen and runtime.is_rank0():
             print(f"megammr train: {r.phase.name}: initial weights from {path}", flush=True)
     else:
         load_hf_into_model(module, r.model.hf_path)
@@ -260,20 +261,17 @@ def build_engine(cls, r: Recipe, rt, *, before_model: bool, group, src: int, is_
 
 
 def build(r: Recipe, rt) -> Parts:
-    from megammr.backbones import Backbone
-    from megammr.models.processor import load_processor
-    from megammr.train.experience import Experience
+    from megatron.core import parallel_state as ps
+
+    from megammr.train.checkpoint import latest
     from megammr.train.sync import WeightSync
 
-    with open(os.path.join(r.model.hf_path, "config.json")) as f:
-        bb = Backbone.from_hf_config(json.load(f), name=r.model.backbone)
-    from megatron.core import parallel_state as ps
+    bb = Backbone.from_hf_dir(r.model.hf_path, name=r.model.backbone)
     mp_group, src, is_src = _mp_source()
     engine_name, _ = resolve_engine(r.rollout.engine, torch.cuda.is_available())
     engine_cls = None if r.rollout.replay else engine_class(engine_name)
     place = dict(group=mp_group, src=src, is_src=is_src)
     engine = build_engine(engine_cls, r, rt, before_model=True, **place)
-    from megammr.train.checkpoint import latest
     try:
         resuming = latest(r.train.output_dir) is not None
     except RuntimeError:  # a broken `latest`: the trainer's resume() reports it
@@ -293,9 +291,6 @@ def build(r: Recipe, rt) -> Parts:
     loader = pool = None
     closers = []
     if is_src and not r.rollout.replay:
-        from megammr.data.loader import PhaseDataLoader
-        from megammr.rewards.pool import RewardPool
-
         loader = PhaseDataLoader(r.data, seed=r.train.seed, dp_rank=dp_rank, dp_size=dp_size, tokenizer=tok)
         pool = RewardPool(r.reward)
         closers += [loader.close, pool.close]

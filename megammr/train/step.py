@@ -19,9 +19,15 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
+from megammr import runtime
 from megammr.algo import policy_loss
 from megammr.kernels import logprobs_from_logits
+from megammr.models.te import fp8_pad_multiple
 from megammr.train.batching import MicroBatch, pad_to_multiple
 
 # Per-step sums reported by the last pipeline stage (index order of the packed metrics tensor).
@@ -31,7 +37,6 @@ SUM_KEYS = ("loss", "count", "tokens", "kl", "clip", "entropy", "logp_diff", "po
 def _forward(model, mb: MicroBatch):
     kw = {}
     if mb.packed:
-        from megatron.core.packed_seq_params import PackedSeqParams
         kw["packed_seq_params"] = PackedSeqParams(
             qkv_format="thd", cu_seqlens_q=mb.cu_seqlens, cu_seqlens_kv=mb.cu_seqlens,
             cu_seqlens_q_padded=mb.cu_seqlens_padded, cu_seqlens_kv_padded=mb.cu_seqlens_padded,
@@ -45,7 +50,6 @@ def token_multiple(model) -> int:
     cfg = getattr(model, "config", None)
     if cfg is None or not getattr(cfg, "fp8", None):
         return 1
-    from megammr.models.te import fp8_pad_multiple
     return fp8_pad_multiple(getattr(cfg, "fp8_recipe", None))
 
 
@@ -65,10 +69,8 @@ def _fp8_pad(model, mbs: list[MicroBatch]) -> None:
 
 
 def _schedule(model, mbs: list[MicroBatch], forward_step, forward_only: bool, collect_non_loss: bool = False):
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     _fp8_pad(model, mbs)
-    dev = _device()
+    dev = runtime.device()
     for mb in mbs:  # batching builds them on the CPU; the model may be on a GPU (no-op on CPU)
         mb.to(dev)
     seq, rows = mbs[0].shape[1], mbs[0].shape[0]  # shapes are fixed under PP (see batching)
@@ -78,7 +80,6 @@ def _schedule(model, mbs: list[MicroBatch], forward_step, forward_only: bool, co
 
 
 def _tp_group():
-    from megatron.core import parallel_state as ps
     return ps.get_tensor_model_parallel_group() if ps.get_tensor_model_parallel_world_size() > 1 else None
 
 
@@ -86,8 +87,6 @@ def _tp_group():
 def forward_logprobs(model, mbs: list[MicroBatch], temperature: float) -> Optional[list[torch.Tensor]]:
     """log p(label) [b, s] per micro-batch at `temperature` (0 outside the loss mask), on the last
     pipeline stage; None elsewhere. No gradient and no [T, V] fp32 copy of the logits."""
-    from megatron.core import parallel_state as ps
-
     group = _tp_group()
 
     def step(it, m):
@@ -115,8 +114,6 @@ def train_on(model, optimizer, mbs: list[MicroBatch], algo, temperature: float) 
     A non-finite loss (on any rank) or grad norm skips the step: gradients are dropped, weights
     and optimizer state stay as they were.
     """
-    from megatron.core import parallel_state as ps
-
     group = _tp_group()
     per_seq = algo.loss_agg == "seq_mean"
     need_rollout = algo.tis_cap is not None
@@ -155,9 +152,7 @@ def optimizer_step(optimizer, loss_ok: bool) -> tuple[float, bool]:
     The decision is the same on every rank: the grad norm is already reduced over model-parallel
     ranks, and the loss flag is all-reduced here (the loss lives on the last pipeline stage only).
     """
-    from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
-
-    bad = torch.tensor([0.0 if loss_ok else 1.0], device=_device())
+    bad = torch.tensor([0.0 if loss_ok else 1.0], device=runtime.device())
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(bad, op=dist.ReduceOp.MAX)
     found_inf = optimizer.prepare_grads()
@@ -173,7 +168,3 @@ def optimizer_step(optimizer, loss_ok: bool) -> tuple[float, bool]:
                                          use_decoupled_grad=opt.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
     optimizer.step_with_ready_grads()
     return norm, False
-
-
-def _device():
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")

@@ -27,7 +27,10 @@ from typing import Iterator, Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
+from safetensors.torch import save_file
 
+from megammr import runtime
 from megammr.models.mapping import (DEC, LAYER_KEYS, LM, LOCAL_ALIASES, TP_DIM, global_layer_to_hf,
                                     global_nonlayer_keys)
 from megammr.rollout.base import WeightTarget
@@ -93,8 +96,6 @@ class WeightSync:
     ranks that hold one, None elsewhere)."""
 
     def __init__(self, model, engine: Optional[WeightTarget], bucket_mb: int):
-        from megatron.core import parallel_state as ps
-
         if engine is not None and not isinstance(engine, WeightTarget):
             raise TypeError(f"WeightSync: {type(engine).__name__} is not a megammr.rollout.base.WeightTarget")
         self.model, self.engine = model, engine
@@ -207,7 +208,7 @@ class WeightSync:
             return None, 0
         dtype = meta[0][2]
         numel = sum(int(torch.Size(s).numel()) for _, s, _ in meta)
-        dev = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        dev = runtime.device()
         if mine is not None:
             flat = torch.cat([t.reshape(-1).to(dtype) for _, t in bucket]).to(dev)
         else:
@@ -234,7 +235,6 @@ class SafetensorsWriter(WeightTarget):
         os.makedirs(out_dir, exist_ok=True)
 
     def update_weights(self, named) -> int:
-        from safetensors.torch import save_file
         self.shards += 1
         fname = f"model-{self.shards:05d}.safetensors"
         save_file({n: t.detach().contiguous().cpu() for n, t in named}, os.path.join(self.out_dir, fname),
@@ -263,11 +263,9 @@ def export_hf(model, src_hf_dir: str, out_dir: str, bucket_mb: int) -> Optional[
     """Write the current weights of data-parallel replica 0 in HF layout to out_dir (atomically:
     out_dir.tmp, then renamed); config, tokenizer and processor files are copied from src_hf_dir.
     Every rank calls it; returns out_dir on global rank 0."""
-    from megatron.core import parallel_state as ps
-
     if ps.get_data_parallel_rank() != 0:
         return None
-    rank0 = dist.get_rank() == 0 if dist.is_initialized() else True
+    rank0 = runtime.is_rank0()
     tmp = out_dir.rstrip("/") + ".tmp"
     writer = None
     if rank0:

@@ -149,7 +149,8 @@ def test_config_imports_point_one_way():
 # or from a strictly lower layer. Entry points (the `megammr` command's modules) sit above all,
 # and only an entry point imports one.
 LAYERS = [
-    ("megammr", "megammr.backbones", "megammr.megatron_cpu", "megammr.kernels"),  # pure data, torch only
+    ("megammr", "megammr.backbones", "megammr.megatron_cpu", "megammr.kernels",  # pure data, torch only;
+     "megammr.versions"),                                                   # version strings (stdlib only)
     ("megammr.config",),                                                    # recipes: schema <- rules <- load
     ("megammr.runtime",),                                                   # processes, ranks, devices, signals
     ("megammr.data", "megammr.rewards", "megammr.models", "megammr.algo", "megammr.metrics", "megammr.plot"),
@@ -160,7 +161,7 @@ LAYERS = [
     ("megammr.bench",),                                                     # measures everything below
 ]
 ENTRY_POINTS = ("megammr.__main__", "megammr.cli", "megammr.config_cli", "megammr.train_cli", "megammr.version_cli",
-                "megammr.eval.cli", "megammr.rewards.score_cli")
+                "megammr.eval.cli", "megammr.rewards.score_cli", "megammr.data_cli")
 
 
 def _unit(module: str) -> str:

@@ -40,7 +40,7 @@ def test_mcore_to_hf_rejects_a_checkpoint_of_another_backbone(tmp_path):
     import pytest
 
     from megammr.models.convert import mcore_to_hf
-    from megammr.models.mapping import CheckpointError
+    from megammr.models.checkpoint_io import CheckpointError
     hf, ck = _tiny_and_ckpt(tmp_path)
     _, ck_untied = _tiny_and_ckpt(tmp_path, tied=False)
     cases = [(ck, _config_copy(hf, tmp_path / "fewer", num_hidden_layers=2), "leading axis = decoder layers"),
@@ -67,7 +67,7 @@ def test_hf_to_mcore_rejects_unused_tensors_and_truncated_files(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from megammr.models.convert import hf_to_mcore
-    from megammr.models.mapping import CheckpointError
+    from megammr.models.checkpoint_io import CheckpointError
     hf, _ = _tiny_and_ckpt(tmp_path)
     # HF weights with 4 layers under a 2-layer config: layers 2-3 were silently dropped
     fewer = _config_copy(hf, tmp_path / "fewer", num_hidden_layers=2)

@@ -8,6 +8,7 @@ import torch
 
 from megammr.models import te
 from megammr.backbones import get_backbone
+from megammr.versions import version_at_least
 
 
 def _config(**fp8):
@@ -82,8 +83,8 @@ def test_fp8_shape_rules_of_the_backbones():
 
 
 def test_version_compare():
-    assert te.version_at_least("2.3.0.dev0+5fdd7bb", "2.3") and te.version_at_least("2.10.1", "2.3")
-    assert not te.version_at_least("2.2.9", "2.3") and not te.version_at_least(None, "1.0")
+    assert version_at_least("2.3.0.dev0+5fdd7bb", "2.3") and version_at_least("2.10.1", "2.3")
+    assert not version_at_least("2.2.9", "2.3") and not version_at_least(None, "1.0")
 
 
 def test_require_te_absent_is_one_line_naming_the_extra(monkeypatch):
