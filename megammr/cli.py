@@ -22,6 +22,8 @@ COMMANDS = {
     "score": ("megammr.rewards.score_cli", "score responses in a JSONL file with the rule-based rewards"),
     "eval": ("megammr.eval.cli", "evaluate a model on MathVista / MathVerse / MathVision / OlympiadBench"),
     "data": ("megammr.data_cli", "import a public dataset (DeepScaleR, ViRL39K, LLaVA, any table) as records"),
+    "curate": ("megammr.curate_cli", "keep the records whose pass rate (sampled, or a shipped column) is in a range"),
+    "plan": ("megammr.plan_cli", "per-rank memory of a recipe's training step and rollout: fits, or what to change"),
     "bench": ("megammr.bench", "run a benchmark (kernels, data, rewards, step, curriculum, gpu-step)"),
 }
 

@@ -89,6 +89,9 @@ def load(path: str, overrides: list[str] = (), world_size: Optional[int] = None)
         prev = out  # resolved to that phase's final checkpoint when the next phase starts
     if errors:
         raise RecipeError(errors)
+    if phases and phases[0].recipe.data.curate is not None and phases[0].recipe.data.curate.model == "previous":
+        raise RecipeError(f"{path}: {phases[0].name}: data.curate.model=previous, but it is the first phase "
+                          "(no previous export): name an HF directory")
     names = [p.name for p in phases]
     if len(set(names)) != len(names):
         raise RecipeError(f"{path}: two phases share a phase.name ({names}): they would share a directory")
@@ -156,6 +159,8 @@ def run(path: str, overrides: list[str] = (), which: str | None = None) -> list[
                 continue
             say(f"phase {i + 1}/{len(phases)} {ph.name}: {ph.recipe.data.prompt_style} prompts, "
                 f"{ph.recipe.train.steps} steps -> {ph.output_dir}")
+            if ph.recipe.data.curate is not None:
+                curate_data(ph, phases[i - 1].output_dir if i else None)
             last = train(ph.recipe, shutdown=False, summary=False)
             results.append(last)
             runtime.barrier()
@@ -169,6 +174,20 @@ def run(path: str, overrides: list[str] = (), which: str | None = None) -> list[
     finally:
         runtime.shutdown()
     return results
+
+
+def curate_data(ph: Phase, prev_output_dir: Optional[str]) -> None:
+    """data.curate: the phase trains on its data curated by pass rate (megammr.curate), cached in
+    OUTPUT_DIR/<phase>/curated/<hash of data, model weights, settings>/ so a rerun or resume reuses it.
+    Rank 0 curates; the other ranks wait for it (a file marker: curation may outlast a collective's timeout)."""
+    from megammr.curate import curate_phase
+    env = os.environ
+    rank = int(env.get("RANK", env.get("SLURM_PROCID", "0")))
+    world = int(env.get("WORLD_SIZE", env.get("SLURM_NTASKS", "1")))
+    paths = curate_phase(ph.recipe, prev_output_dir, os.path.join(ph.output_dir, "curated"), rank=rank,
+                         world_size=world)
+    for ds, path in zip(ph.recipe.data.datasets, paths):
+        ds.path = path
 
 
 def summarize(phases: list[Phase]) -> None:

@@ -39,6 +39,9 @@ def add_arguments(p: argparse.ArgumentParser):
                      help="skip invalid rows (counted per reason, written to OUT.rejected.jsonl) instead of stopping")
     imp.add_argument("--exclude", "--decontam-against", dest="exclude", nargs="+", default=[], metavar="EVAL.jsonl",
                      help="drop rows whose question is found in these evaluation sets (as tools/build_shards.py)")
+    imp.add_argument("--exclude-images", nargs="+", default=[], metavar="FILE",
+                     help="drop rows with an image byte-identical (sha256) to one in these shard directories or "
+                          "JSONL files (other phases' data, benchmark files; counted)")
     imp.add_argument("--ngram", type=int, default=TOOLS.decontam_ngram,
                      help="decontamination: word n-gram length counted as overlap (0: exact matches only)")
     imp.add_argument("--part", default=None, metavar="I/N",
@@ -95,7 +98,7 @@ def run(args) -> int:
                            ngram=args.ngram, images_root=args.images_root, column_map=column_map, part=part,
                            source=args.source, limit=args.limit, max_answer_chars=args.max_answer_chars,
                            max_image_pixels=args.max_image_pixels, overwrite=args.overwrite,
-                           show_progress=not args.no_progress)
+                           show_progress=not args.no_progress, exclude_images=args.exclude_images)
     except RecordError as e:
         return _fail(f"{e}\n(nothing written; fix the row or pass --skip-invalid to count and skip such rows)", 1)
     except (ImportFailure, ValueError, OSError) as e:

@@ -104,6 +104,7 @@ def run(args) -> int:
     except RecipeError as e:
         _say(e)
         return 2
+    from megammr.curate import CurateError
     from megammr.train.checkpoint import PREEMPTED_EXIT
     from megammr.trainer import Preempted, TrainingError, train
     try:
@@ -111,7 +112,7 @@ def run(args) -> int:
     except Preempted as e:
         _say(str(e), "preempted")
         return PREEMPTED_EXIT
-    except (RecipeError, DataConfigError, DataStateError, CheckpointError) as e:
+    except (RecipeError, DataConfigError, DataStateError, CheckpointError, CurateError) as e:
         _say(e)
         return 2
     except TrainingError as e:

@@ -6,12 +6,12 @@ load_recipe, RecipeError, ...` is what the rest of megammr writes.
 """
 from megammr.config.load import field_docs, load_recipe, parse_override, to_dict, to_yaml, validate
 from megammr.config.rules import cross_checks, layout_errors
-from megammr.config.schema import (TOOLS, AlgoConfig, DataConfig, DatasetConfig, ModelConfig, OptimConfig,
+from megammr.config.schema import (TOOLS, AlgoConfig, CurateConfig, DataConfig, DatasetConfig, ModelConfig, OptimConfig,
                                    ParallelConfig, PhaseConfig, Recipe, RecipeError, RecipeWarning, RewardConfig,
                                    RolloutConfig, ToolDefaults, TrainConfig)
 
 __all__ = [
-    "AlgoConfig", "DataConfig", "DatasetConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PhaseConfig",
+    "AlgoConfig", "CurateConfig", "DataConfig", "DatasetConfig", "ModelConfig", "OptimConfig", "ParallelConfig", "PhaseConfig",
     "Recipe", "RecipeError", "RecipeWarning", "RewardConfig", "RolloutConfig", "TOOLS", "ToolDefaults",
     "TrainConfig", "cross_checks", "field_docs", "layout_errors", "load_recipe", "parse_override", "to_dict",
     "to_yaml", "validate",

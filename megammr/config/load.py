@@ -349,4 +349,7 @@ def field_docs(cls=Recipe, prefix: str = "") -> list[tuple[str, str, Any, str]]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         rows.append((dotted, _type_name(tp), default, f.metadata.get("help", "")))
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1 and dataclasses.is_dataclass(inner[0]):  # an optional section (data.curate): its keys
+            rows.extend(field_docs(inner[0], dotted))
     return rows

@@ -62,6 +62,11 @@ def _rules(r: Recipe) -> list[tuple[tuple[str, ...], bool, str]]:
         (("optim.lr",), o.lr >= 0, "optim.lr must be >= 0"),
         (("data.min_pixels", "data.max_pixels"), 0 < d.min_pixels <= d.max_pixels,
          "data.min_pixels must be > 0 and <= data.max_pixels"),
+        (("data.curate",), d.curate is None or (
+            d.curate.n >= 1 and len(d.curate.keep) == 2 and 0 <= d.curate.keep[0] <= d.curate.keep[1] <= 1
+            and bool(d.curate.model)),
+         "data.curate: n must be >= 1, keep a pair [LO, HI] with 0 <= LO <= HI <= 1, and model 'previous' or an "
+         "HF directory"),
         (("data.num_workers", "data.shuffle_buffer_size", "data.max_samples_per_sequence"),
          d.num_workers >= 0 and d.shuffle_buffer_size >= 1 and d.max_samples_per_sequence >= 1,
          "data.num_workers must be >= 0; data.shuffle_buffer_size and max_samples_per_sequence >= 1"),

@@ -70,6 +70,17 @@ class DatasetConfig:
 
 
 @dataclass
+class CurateConfig:
+    """`data.curate`: before the phase trains, keep only the prompts a model solves sometimes
+    (megammr/curate.py; the same pass `megammr curate` runs)."""
+    n: int = F(8, "Samples per prompt; a prompt's pass rate is the fraction of them with accuracy 1.")
+    keep: list[float] = F(
+        [0.1, 0.9], "[LO, HI]: records with LO <= pass rate <= HI are kept (at n=8: drops never/always solved).")
+    model: str = F(
+        "previous", "Model that samples: 'previous' (the previous phase's export, OUTPUT_DIR/hf) or an HF directory.")
+
+
+@dataclass
 class DataConfig:
     datasets: list[DatasetConfig] = F([], "Shard directories of this phase (weighted blend when more than one).")
     prompt_style: Literal["text", "caption", "image"] = F(
@@ -86,6 +97,8 @@ class DataConfig:
     max_samples_per_sequence: int = F(
         100,
         "Samples read in a row from one shard before energon jumps to another (larger: faster I/O, weaker shuffling).")
+    curate: Optional[CurateConfig] = F(
+        None, "Pass-rate curation of this phase's data before it trains (data.curate.n, .keep, .model); None: off.")
 
 
 @dataclass
@@ -279,6 +292,13 @@ class ToolDefaults:
     warmup_steps: int = 35
     warmup_lr: float = 3e-3
     warmup_batch: int = 16
+    # `megammr plan` (megammr/plan.py): the machine planned for
+    plan_gpus_per_node: int = 8  # (--gpus-per-node)
+    plan_gpu_mem_gib: float = 80.0  # memory of one GPU in GiB (--gpu-mem-gib)
+    # `megammr curate` (megammr/curate.py)
+    curate_batch_size: int = 8  # prompts per generate call (--batch-size); also fixes the sampling seeds
+    curate_progress_every: int = 50  # one progress line per this many prompts when stderr is not a terminal
+    curate_keep_unlabelled: bool = False  # --pass-rate-column: keep records whose value is missing or -1 (--keep-unlabelled)
 
 
 TOOLS = ToolDefaults()

@@ -153,15 +153,17 @@ LAYERS = [
      "megammr.versions"),                                                   # version strings (stdlib only)
     ("megammr.config",),                                                    # recipes: schema <- rules <- load
     ("megammr.runtime",),                                                   # processes, ranks, devices, signals
-    ("megammr.data", "megammr.rewards", "megammr.models", "megammr.algo", "megammr.metrics", "megammr.plot"),
+    ("megammr.data", "megammr.rewards", "megammr.models", "megammr.algo", "megammr.metrics", "megammr.plot",
+     "megammr.plan"),                                                       # memory planner: config + backbones
     ("megammr.rollout", "megammr.warmup"),                                  # engines run the models; SFT warm-up
-    ("megammr.train", "megammr.eval"),                                      # the trainer's stages; evaluation
+    ("megammr.train", "megammr.eval", "megammr.curate"),                    # the trainer's stages; evaluation; curation
     ("megammr.trainer",),                                                   # one phase of GRPO
     ("megammr.curriculum",),                                                # the phases in order
     ("megammr.bench",),                                                     # measures everything below
 ]
 ENTRY_POINTS = ("megammr.__main__", "megammr.cli", "megammr.config_cli", "megammr.train_cli", "megammr.version_cli",
-                "megammr.eval.cli", "megammr.rewards.score_cli", "megammr.data_cli")
+                "megammr.eval.cli", "megammr.rewards.score_cli", "megammr.data_cli", "megammr.curate_cli",
+                "megammr.plan_cli")
 
 
 def _unit(module: str) -> str:

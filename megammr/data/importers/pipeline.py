@@ -52,6 +52,7 @@ class ImportSummary:
     decontaminated: dict = field(default_factory=dict)
     duplicate_records: int = 0
     duplicate_images: int = 0
+    excluded_images: dict = field(default_factory=dict)  # exclusion file -> records dropped (--exclude-images)
     outside_part: int = 0
     choices_from_question: int = 0
     dropped_columns: set = field(default_factory=set)
@@ -70,6 +71,8 @@ class ImportSummary:
         for p, c in self.decontaminated.items():
             lines.append(f"decontaminated against {p}: {c}")
         lines.append(f"duplicate records dropped: {self.duplicate_records}")
+        for p, c in self.excluded_images.items():
+            lines.append(f"records with an image found in {p} (same sha256) dropped: {c}")
         if self.outside_part:
             lines.append(f"outside --part: {self.outside_part}")
         if self.choices_from_question:
@@ -91,7 +94,8 @@ def import_dataset(fmt: str, input_path: str, out: str, *, skip_invalid: bool, e
                    source: Optional[str] = None, limit: Optional[int] = None,
                    max_answer_chars: int = TOOLS.import_max_answer_chars,
                    max_image_pixels: int = DEFAULT_MAX_IMAGE_PIXELS, overwrite: bool, show_progress: bool,
-                   progress_every: int = TOOLS.import_progress_every) -> ImportSummary:
+                   progress_every: int = TOOLS.import_progress_every,
+                   exclude_images: Sequence[str] = ()) -> ImportSummary:
     """Import `input_path` (a file or a directory of the layout) as format `fmt` into `out` (.jsonl).
     Raises RecordError (first invalid row, unless skip_invalid) or ImportFailure; writes nothing then."""
     importer = get_importer(fmt)
@@ -106,6 +110,13 @@ def import_dataset(fmt: str, input_path: str, out: str, *, skip_invalid: bool, e
     if exclude:
         from megammr.data.decontam import Decontaminator
         decon = Decontaminator(list(exclude), ngram=ngram)
+    banned = {}
+    if exclude_images:  # exact duplicate images of other phases' data or of benchmarks
+        from megammr.data.shard_records import exclusion_hashes
+        try:
+            banned = exclusion_hashes(list(exclude_images))
+        except ValueError as e:
+            raise ImportFailure(str(e)) from None
 
     t0 = time.time()
     s = ImportSummary(format=fmt, out=out, inputs=[os.path.basename(p) for p in inputs])
@@ -153,6 +164,10 @@ def import_dataset(fmt: str, input_path: str, out: str, *, skip_invalid: bool, e
                     continue
                 ids[rec.id] = f"{row.path}:{row.line}"
                 hashes = [hashlib.sha256(b).hexdigest() for b in rec.images]
+                hit = next((banned[h] for h in hashes if h in banned), None)
+                if hit is not None:
+                    s.excluded_images[hit] = s.excluded_images.get(hit, 0) + 1
+                    continue
                 key = hashlib.sha256(json.dumps([norm_q, rec.answer, rec.choices, hashes]).encode()).digest()
                 if key in seen_records:
                     s.duplicate_records += 1
