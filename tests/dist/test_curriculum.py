@@ -115,3 +115,34 @@ def test_bench_figures_account_for_the_run(run_dir):
     assert phase_walls <= res["train_wall_s"] <= res["wall_s"]
     assert res["cpu_s"] > 0 and set(res["checks"]) == {"phase1_rise", "under_15_min", "under_10_min"}
     assert "| phase1 | 2 |" in log and "phase-1 rise" in log
+
+
+def test_a_phase_curates_its_data_with_the_previous_export(run_dir, tmp_path):
+    """data.curate through the real path: phase 3 of the finished run redone with its data curated by
+    phase 2's export, the transformers engine and the reward pool, then trained on the curated
+    shards. (Whether pass rates separate easy from hard prompts needs a better-trained model than
+    2 steps per phase: tests/dist/test_trainer_learning.py checks that.)"""
+    import shutil
+    work, _, _ = run_dir
+    copy = tmp_path / "w"
+    shutil.copytree(work, copy, symlinks=True)
+    shutil.rmtree(copy / "outputs" / "tiny" / "phase3")
+    (copy / "p3.yaml").write_text(f"extends: {os.path.join(REPO, 'recipes/tiny/phase3.yaml')}\n"
+                                  "data:\n  curate: {n: 2, keep: [0.0, 1.0], model: previous}\n")
+    phases = [os.path.join(REPO, "recipes/tiny", p) for p in ("phase1.yaml", "phase2.yaml")] + [str(copy / "p3.yaml")]
+    (copy / "cur.yaml").write_text("curriculum:\n  output_dir: outputs/tiny\n  phases:\n"
+                                   + "".join(f"    - {p}\n" for p in phases))
+    log = megammr(["train", str(copy / "cur.yaml"), *SHORT], copy)
+    assert log.count("done already") == 2, log[-3000:]
+    (rates_file,) = (copy / "outputs" / "tiny" / "phase3" / "curated").glob("*/pass_rates.jsonl")
+    rates = {r["id"]: r for r in map(json.loads, rates_file.read_text().splitlines())}
+    with open(copy / "outputs" / "data" / "raw" / "phase3.jsonl") as f:
+        ids = {r["id"] for r in map(json.loads, f)}
+    assert set(rates) == ids and all(r["n"] == 2 for r in rates.values())  # every prompt scored, once
+    kept = [json.loads(line)["id"] for line in (rates_file.parent / "records.jsonl").read_text().splitlines()]
+    assert set(kept) == ids
+    assert (rates_file.parent / "shards" / "megammr.json").exists()
+    out = copy / "outputs" / "tiny" / "phase3"
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 2 and (out / "DONE").exists()
+    saved = json.loads((out / "checkpoints" / "step_000002" / "megammr.json").read_text())["recipe"]
+    assert [d["path"] for d in saved["data"]["datasets"]] == [os.path.relpath(rates_file.parent / "shards", copy)]

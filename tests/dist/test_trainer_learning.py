@@ -69,15 +69,24 @@ GSPO = ["algo.policy_loss=gspo", "algo.loss_agg=seq_mean", "algo.clip_low=0.0003
         "train.updates_per_step=2"]
 
 
+def _train(warm_setup, loss):
+    """The 40-step run of `loss` from the warmed model, once per module (the GRPO one is exported to
+    HF and then curates, below)."""
+    runs = warm_setup.setdefault("runs", {})
+    if loss not in runs:
+        out = warm_setup["root"] / f"run-{loss}"
+        cmd = [sys.executable, "-m", "megammr", "train", os.path.join(REPO, "recipes", "tiny", "phase1.yaml"),
+               f"model.hf_path={warm_setup['model']}", f"data.datasets=[{{path: {warm_setup['shards']}}}]",
+               f"train.output_dir={out}", *OVERRIDES, *(GSPO if loss == "gspo" else ["train.export_hf=true"])]
+        t0 = time.perf_counter()
+        p = _run(cmd, timeout=1200)
+        runs[loss] = (out, p, time.perf_counter() - t0)
+    return runs[loss]
+
+
 @pytest.mark.parametrize("loss", ["grpo", "gspo"])
 def test_grpo_raises_the_reward_of_a_format_warmed_tiny_model(warm_setup, loss):
-    out = warm_setup["root"] / f"run-{loss}"
-    cmd = [sys.executable, "-m", "megammr", "train", os.path.join(REPO, "recipes", "tiny", "phase1.yaml"),
-           f"model.hf_path={warm_setup['model']}", f"data.datasets=[{{path: {warm_setup['shards']}}}]",
-           f"train.output_dir={out}", *OVERRIDES, *(GSPO if loss == "gspo" else [])]
-    t0 = time.perf_counter()
-    p = _run(cmd, timeout=1200)
-    wall = time.perf_counter() - t0
+    out, p, wall = _train(warm_setup, loss)
     with open(out / "metrics.jsonl") as f:
         metrics = [json.loads(line) for line in f if line.strip()]
     assert [m["step"] for m in metrics] == list(range(1, STEPS + 1)), p.stdout[-3000:]
@@ -95,3 +104,36 @@ def test_grpo_raises_the_reward_of_a_format_warmed_tiny_model(warm_setup, loss):
     # (a sampled <|image_pad|> drops its sample, counted: rare, so nearly all 64 remain)
     assert all(m["samples"] >= 56 and not m["step_skipped"] for m in metrics), report
     assert rise >= MARGIN, report
+
+
+def test_curation_by_pass_rate_separates_easy_from_hard_prompts(warm_setup):
+    """`megammr curate` with the model GRPO just trained (its HF export), the transformers engine
+    and the reward pool: that model writes the format and guesses a multiple-choice letter right
+    part of the time, but never a free-form number, so multiple-choice prompts have the higher pass
+    rates and the kept set (pass rate >= 0.1) follows them; a second run with the same seed
+    scores identically."""
+    from megammr.data.synthetic import write_all
+
+    out, _, _ = _train(warm_setup, "grpo")
+    root = warm_setup["root"]
+    raw = write_all(str(root / "p3"), n=96, seed=1, phases=(3,), build=False, progress=False)[3]["jsonl"]
+    with open(raw) as f:
+        records = [json.loads(line) for line in f]
+    mc = [r for r in records if r.get("choices")][:12]
+    free = [r for r in records if not r.get("choices")][:12]
+    assert len(mc) == len(free) == 12
+    mix = os.path.join(os.path.dirname(raw), "mix.jsonl")  # beside the images its paths name
+    with open(mix, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in mc + free)
+    rates = []
+    for run in ("a", "b"):
+        _run([sys.executable, "-m", "megammr", "curate", "--model", str(out / "hf"), "--input", mix, "--phase", "3",
+              "--out", str(root / f"curate-{run}"), "--n", "8", "--keep", "0.1:1", "--seed", "0", "--no-progress"],
+             timeout=600)
+        rates.append((root / f"curate-{run}" / "pass_rates.jsonl").read_text())
+    assert rates[0] == rates[1]
+    rate = {r["id"]: r["pass_rate"] for r in map(json.loads, rates[0].splitlines())}
+    mean = lambda rs: sum(rate[r["id"]] for r in rs) / len(rs)  # noqa: E731
+    assert mean(mc) >= mean(free) + 0.05 and mean(free) <= 0.02, (mean(mc), mean(free), rate)  # 0.16 vs 0 seen
+    kept = {json.loads(line)["id"] for line in (root / "curate-a" / "records.jsonl").read_text().splitlines()}
+    assert kept == {k for k, v in rate.items() if v >= 0.1} and kept <= {r["id"] for r in mc} and len(kept) >= 2
