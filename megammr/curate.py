@@ -35,6 +35,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from megammr.config import TOOLS, RecipeError
+from megammr.data.decontam import Decontaminator
 from megammr.data.schema import Record, read_rows, validate
 from megammr.data.shard_records import (exclusion_hashes, image_hash, is_shard_dir, read_shard_records,
                                         record_line, shard_phase)
@@ -170,13 +171,14 @@ def score(records: Sequence[Record], engine, recipe, *, n: int, seed: int, style
 
 # --------------------------------------------------------------------------- the pass
 def settings_of(*, input_path: str, model: Optional[str], n: int, seed: int, column: Optional[str],
-                recipe, batch_size: int, exclude_images: Sequence[str]) -> dict:
+                recipe, batch_size: int, exclude_images: Sequence[str], exclude: Sequence[str] = ()) -> dict:
     """What the pass rates depend on (the batches fix the seeds; the exclusions, which prompts are
     batched together); a restart in the same directory must match them. The keep range is not among
     them: rerunning with another --keep reselects from the pass rates already written."""
     return {"input": os.path.abspath(input_path), "model": os.path.abspath(model) if model else None,
             "n": n, "seed": seed, "pass_rate_column": column, "batch_size": batch_size,
             "exclude_images": [os.path.abspath(p) for p in exclude_images],
+            "exclude": [os.path.abspath(p) for p in exclude],
             "sampling": {k: getattr(recipe.rollout, k) for k in ("temperature", "top_p", "top_k", "max_new_tokens")},
             "reward": {k: getattr(recipe.reward, k) for k in ("require_think", "require_answer_tag")},
             "system_prompt": recipe.data.system_prompt}
@@ -185,7 +187,8 @@ def settings_of(*, input_path: str, model: Optional[str], n: int, seed: int, col
 def curate(input_path: str, out: str, recipe, *, keep: Sequence[float], n: int, seed: int,
            phase: Optional[int] = None, style: Optional[str] = None, model: Optional[str] = None,
            engine_factory: Optional[Callable[[], object]] = None, column: Optional[str] = None,
-           keep_unlabelled: bool, exclude_images: Sequence[str] = (), shards: Optional[bool] = None,
+           keep_unlabelled: bool, exclude_images: Sequence[str] = (), exclude: Sequence[str] = (),
+           shards: Optional[bool] = None,
            batch_size: int = TOOLS.curate_batch_size, progress: Optional[bool] = None,
            log: Callable[[str], None] = lambda m: print(m, file=sys.stderr, flush=True)) -> CurateSummary:
     """Curate `input_path` into `out` (see the module docstring). Exactly one of `column` (a shipped
@@ -203,7 +206,7 @@ def curate(input_path: str, out: str, recipe, *, keep: Sequence[float], n: int, 
     shards = is_shard_dir(input_path) if shards is None else shards
     os.makedirs(out, exist_ok=True)
     want = settings_of(input_path=input_path, model=model, n=n, seed=seed, column=column, recipe=recipe,
-                       batch_size=batch_size, exclude_images=exclude_images)
+                       batch_size=batch_size, exclude_images=exclude_images, exclude=exclude)
     spath = os.path.join(out, SETTINGS)
     if os.path.exists(spath):
         with open(spath, encoding="utf-8") as f:
@@ -217,11 +220,17 @@ def curate(input_path: str, out: str, recipe, *, keep: Sequence[float], n: int, 
 
     summary = CurateSummary(read=len(records), out=out)
     banned = exclusion_hashes(list(exclude_images)) if exclude_images else {}
+    # Text decontamination against the eval sets, as build_shards and data import do: before
+    # scoring, so no sample is spent on a question that would be dropped anyway.
+    deco = Decontaminator(list(exclude)) if exclude else None
     candidates = []
     for rec in records:
         hit = next((banned[h] for h in map(image_hash, rec.images) if h in banned), None)
+        match = deco.match(rec.question) if deco is not None and hit is None else None
         if hit is not None:
             summary.count(rec.source, f"dropped_duplicate_image({os.path.basename(os.path.normpath(hit))})")
+        elif match is not None:
+            summary.count(rec.source, f"decontaminated({os.path.basename(match)})")
         else:
             candidates.append(rec)
 

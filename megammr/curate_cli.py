@@ -38,6 +38,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument("--exclude-images", nargs="+", default=[], metavar="FILE",
                    help="drop records with an image byte-identical to one in these shard dirs / JSONL files "
                         "(other phases' data, benchmark files)")
+    p.add_argument("--exclude", nargs="+", default=[], metavar="EVAL_JSONL",
+                   help="decontaminate: drop questions found in these evaluation JSONL files (as build_shards --exclude)")
     p.add_argument("--batch-size", type=int, default=TOOLS.curate_batch_size,
                    help="prompts per generate call (default: %(default)s; part of the seeding: keep it on resume)")
     p.add_argument("--recipe", default=None, help="recipe whose rollout/reward/data.system_prompt settings to use")
@@ -80,7 +82,7 @@ def run(args) -> int:
         factory = (lambda: build_engine(recipe, args.model)) if args.model else None
         summary = curate(args.input, args.out, recipe, keep=keep, n=n, seed=seed, phase=args.phase,
                          model=args.model, engine_factory=factory, column=args.pass_rate_column,
-                         keep_unlabelled=args.keep_unlabelled, exclude_images=args.exclude_images,
+                         keep_unlabelled=args.keep_unlabelled, exclude_images=args.exclude_images, exclude=args.exclude,
                          shards=args.shards, batch_size=args.batch_size, progress=args.progress)
     except RecipeError as e:
         for line in e.errors:

@@ -252,3 +252,19 @@ def test_import_drops_records_with_an_excluded_image(tmp_path):
     assert "same sha256) dropped: 1" in s.text()
     ids = [json.loads(line)["id"] for line in open(tmp_path / "o.jsonl")]
     assert len(ids) == 2 and not any(i.endswith("1") for i in ids), ids
+
+
+def test_eval_questions_are_dropped_before_scoring(fake, tmp_path):
+    # --exclude: text decontamination against evaluation JSONL, as build_shards --exclude does; the
+    # dropped questions are counted per eval file and never sampled.
+    data = tmp_path / "data.jsonl"
+    _records(data)
+    bench = tmp_path / "mathvista.jsonl"
+    bench.write_text(json.dumps({"question": "Medium 1. The answer is 5."}) + "\n")
+    recipe = load_recipe(None, OVR)
+    s = curate(str(data), str(tmp_path / "out"), recipe, keep=(0.0, 1.0), n=8, seed=5, phase=1, model=None,
+               engine_factory=lambda: registry.engine_class("fake").build(recipe, None, group=None, leader=0,
+                                                                          is_leader=True),
+               keep_unlabelled=False, exclude=[str(bench)], batch_size=2, progress=False)
+    assert s.kept == 8 and dict(s.per_source["medset"]) == {"decontaminated(mathvista.jsonl)": 1, "kept": 2}
+    assert "med1" not in read_rates(str(tmp_path / "out" / "pass_rates.jsonl"))
