@@ -157,7 +157,7 @@ def build_shards(inputs: list[str], phase: int, out: str, *, skip_invalid: bool 
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     stage_prefix = f".{os.path.basename(out)}.building-"
-    _remove_stale_stages(parent, stage_prefix)
+    remove_stale_stages(parent, stage_prefix)
     stage = os.path.join(parent, f"{stage_prefix}{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
@@ -237,7 +237,7 @@ def _sigterm_as_exit():
     return lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
-def _remove_stale_stages(parent: str, prefix: str):
+def remove_stale_stages(parent: str, prefix: str):
     """Staging directories of earlier builds of the same output whose process is gone (SIGKILL,
     a crash of the machine): partial data nobody will finish."""
     for name in os.listdir(parent):

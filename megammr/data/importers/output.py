@@ -64,20 +64,3 @@ def _fsync_tree(root: str):
                 os.fsync(fd)
             finally:
                 os.close(fd)
-
-
-def remove_stale(parent: str, prefix: str):
-    """Staging directories of earlier imports of the same OUT whose process is gone."""
-    for name in os.listdir(parent):
-        if not name.startswith(prefix) or not name[len(prefix):].isdigit():
-            continue
-        pid = int(name[len(prefix):])
-        try:
-            os.kill(pid, 0)
-            if pid != os.getpid():
-                continue  # an import of the same OUT is running right now
-        except ProcessLookupError:
-            pass
-        except PermissionError:
-            continue
-        shutil.rmtree(os.path.join(parent, name), ignore_errors=True)

@@ -32,7 +32,8 @@ from megammr.config import TOOLS
 from megammr.data.decontam import normalize_question
 from megammr.data.importers import get_importer
 from megammr.data.importers.base import Context, ImportFailure, parquet_columns
-from megammr.data.importers.output import MARKER, check_paths, move_into_place, remove_stale, write_file
+from megammr.data.importers.output import MARKER, check_paths, move_into_place, write_file
+from megammr.data.shards import remove_stale_stages
 from megammr.data.normalize import NormalizeError, clean_answer_space, normalize
 from megammr.data.schema import DEFAULT_MAX_IMAGE_PIXELS, RawRow, RecordError, validate
 
@@ -123,7 +124,7 @@ def import_dataset(fmt: str, input_path: str, out: str, *, skip_invalid: bool, e
     parent = os.path.dirname(out)
     os.makedirs(parent, exist_ok=True)
     prefix = f".{os.path.basename(out)}.importing-"
-    remove_stale(parent, prefix)
+    remove_stale_stages(parent, prefix)  # the shard build's: same staging scheme
     stage = os.path.join(parent, f"{prefix}{os.getpid()}")
     shutil.rmtree(stage, ignore_errors=True)
     os.makedirs(stage)
